@@ -1,0 +1,190 @@
+"""Checkpoint folders: read tensors through the index, write shards atomically, copy the side files."""
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import modeling_deepseek
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+REMOTE_CODE_DIR = Path(modeling_deepseek.__file__).parent
+REMOTE_CODE_FILES = ("configuration_deepseek.py", "modeling_deepseek.py")
+# Files that travel with a checkpoint unchanged (config.json is rewritten by whoever changes the weights).
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint problem, worded as one line that names the file and tensor."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (is this a checkpoint folder?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint by name, through the index's weight map (so a scale that lives in
+    another shard is found), opening each shard lazily."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._handles: dict = {}
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        elif (self.folder / SINGLE_NAME).is_file():
+            self.weight_map = {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
+        else:
+            raise CheckpointError(f"{self.folder}: no {INDEX_NAME} or {SINGLE_NAME}")
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def names_in(self, shard: str) -> list[str]:
+        return [name for name, file in self.weight_map.items() if file == shard]
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            path = self.folder / shard
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in the index but missing")
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
+                raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+            self._handles[shard] = handle
+        return self._handles[shard]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.folder / INDEX_NAME}: no tensor {name}")
+        shard = self.weight_map[name]
+        handle = self._open(shard)
+        if name not in handle.keys():
+            raise CheckpointError(f"{self.folder / shard}: index lists {name} but the shard does not hold it")
+        try:
+            return handle.get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{self.folder / shard}: cannot read {name} ({err})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+
+class ShardWriter:
+    """Writes tensors into numbered shards of at most `max_shard_bytes`, then the index. Every file is written
+    under a temporary name and renamed when complete."""
+
+    def __init__(self, folder: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[dict[str, torch.Tensor]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._shards.append(self._pending)
+            self._pending, self._pending_bytes = {}, 0
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+
+    def close(self) -> dict:
+        if self._pending:
+            self._shards.append(self._pending)
+        n = len(self._shards)
+        weight_map, total = {}, 0
+        for i, tensors in enumerate(self._shards, start=1):
+            shard = f"model-{i:05d}-of-{n:05d}.safetensors"
+            write_shard(self.folder / shard, tensors)
+            for name, t in tensors.items():
+                weight_map[name] = shard
+                total += t.numel() * t.element_size()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_json(self.folder / INDEX_NAME, index)
+        return index
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            tmp = dst / (name + ".tmp")
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, dst / name)
+            copied.append(name)
+    return copied
+
+
+def copy_remote_code(dst: Path) -> None:
+    for name in REMOTE_CODE_FILES:
+        tmp = dst / (name + ".tmp")
+        shutil.copyfile(REMOTE_CODE_DIR / name, tmp)
+        os.replace(tmp, dst / name)
+
+
+def with_auto_map(config: dict) -> dict:
+    from modeling_deepseek.modeling_deepseek import AUTO_MAP
+
+    return {**config, "auto_map": dict(AUTO_MAP)}
+
+
+def install_remote_code(folder: str | os.PathLike) -> list[str]:
+    """Put our remote-code files and auto_map into an existing checkpoint folder (e.g. an official download
+    whose own modeling files break on transformers 5). Originals are kept once as *.orig. Returns what changed."""
+    folder = Path(folder)
+    config = read_config(folder)
+    changed = []
+    for name in (*REMOTE_CODE_FILES, "config.json"):
+        path, backup = folder / name, folder / (name + ".orig")
+        if path.is_file() and not backup.exists():
+            shutil.copy2(path, backup)
+            changed.append(f"backed up {name} -> {backup.name}")
+    copy_remote_code(folder)
+    atomic_write_json(folder / "config.json", with_auto_map(config))
+    changed.append("wrote " + ", ".join(REMOTE_CODE_FILES) + " and config.json auto_map")
+    return changed

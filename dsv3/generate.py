@@ -1,0 +1,49 @@
+"""Loading a checkpoint folder (or Hub id) with our remote code and generating text."""
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local folder as is; otherwise a Hub repo id resolved through huggingface_hub (offline-aware)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
+        raise ValueError(f"{model}: not a checkpoint folder (and not a Hub repo id)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model))
+
+
+def load_model(model: str | os.PathLike, dtype: str = "fp32", device: str = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: choose from {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_model_path(str(model))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=DTYPES[dtype])
+    return lm.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def generate_text(
+    model: str | os.PathLike,
+    prompt: str,
+    max_new_tokens: int = 32,
+    dtype: str = "fp32",
+    sample: bool = False,
+    seed: int = 0,
+) -> str:
+    lm, tokenizer = load_model(model, dtype)
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = lm.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id
+    )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

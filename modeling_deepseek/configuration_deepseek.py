@@ -1,0 +1,249 @@
+# DeepseekV3Config: reads every field of the official config.json (DeepSeek-V3/R1/V3.1, Kimi-K2, Moonlight)
+# and validates the combinations the model relies on. This file is copied into every checkpoint we write, so
+# it only uses the stable PretrainedConfig API (custom __init__ + super().__init__(**kwargs)).
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# RoPE types the model implements; anything else is rejected by name instead of silently ignored.
+ROPE_TYPES = ("default", "yarn")
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+
+
+def _normalize_rope(
+    rope_theta: float | None,
+    rope_scaling: dict[str, Any] | None,
+    rope_parameters: dict[str, Any] | None,
+    max_position_embeddings: int,
+) -> dict[str, Any]:
+    # Official configs spell it `rope_scaling: {"type": "yarn", ...}` + `rope_theta`; transformers >= 5 re-saves
+    # it as `rope_parameters: {"rope_type": "yarn", "rope_theta": ..., ...}`. Both end up as one dict.
+    params = dict(rope_parameters or {})
+    for key, value in (rope_scaling or {}).items():
+        params.setdefault(key, value)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"rope_scaling.type: unknown rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})"
+        )
+    theta = params.pop("rope_theta", None)
+    theta = float(theta if theta is not None else (rope_theta if rope_theta is not None else 10000.0))
+    if theta <= 0:
+        raise ValueError(f"rope_theta: must be positive, got {theta}")
+    out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": theta}
+    if rope_type == "yarn":
+        factor = params.pop("factor", None)
+        if factor is None or float(factor) < 1.0:
+            raise ValueError(f"rope_scaling.factor: yarn needs a factor >= 1, got {factor!r}")
+        out["factor"] = float(factor)
+        out["original_max_position_embeddings"] = int(
+            params.pop("original_max_position_embeddings", None) or max_position_embeddings
+        )
+        for key, default in YARN_DEFAULTS.items():
+            value = params.pop(key, None)
+            out[key] = float(default if value is None else value)
+    out.update(params)  # keep unknown extras (e.g. attention_factor) so a re-save loses nothing
+    return out
+
+
+class DeepseekV3Config(PretrainedConfig):
+    model_type = "deepseek_v3"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 129280,
+        hidden_size: int = 7168,
+        intermediate_size: int = 18432,
+        moe_intermediate_size: int = 2048,
+        num_hidden_layers: int = 61,
+        num_nextn_predict_layers: int = 1,
+        num_attention_heads: int = 128,
+        num_key_value_heads: int | None = 128,
+        n_shared_experts: int | None = 1,
+        n_routed_experts: int | None = 256,
+        ep_size: int = 1,
+        routed_scaling_factor: float = 2.5,
+        kv_lora_rank: int = 512,
+        q_lora_rank: int | None = 1536,
+        qk_rope_head_dim: int = 64,
+        v_head_dim: int = 128,
+        qk_nope_head_dim: int = 128,
+        topk_method: str = "noaux_tc",
+        n_group: int | None = 8,
+        topk_group: int | None = 4,
+        num_experts_per_tok: int | None = 8,
+        moe_layer_freq: int = 1,
+        first_k_dense_replace: int = 3,
+        norm_topk_prob: bool = True,
+        scoring_func: str = "sigmoid",
+        aux_loss_alpha: float = 0.001,
+        seq_aux: bool = True,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 4096,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 0,
+        eos_token_id: int | list[int] | None = 1,
+        pretraining_tp: int = 1,
+        tie_word_embeddings: bool = False,
+        rope_theta: float | None = None,
+        rope_scaling: dict[str, Any] | None = None,
+        rope_parameters: dict[str, Any] | None = None,
+        rope_interleave: bool = True,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        mtp_loss_weight: float = 0.3,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_nextn_predict_layers = num_nextn_predict_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.n_shared_experts = n_shared_experts
+        self.n_routed_experts = n_routed_experts
+        self.ep_size = ep_size
+        self.routed_scaling_factor = routed_scaling_factor
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.topk_method = topk_method
+        self.n_group = 1 if n_group is None else n_group
+        self.topk_group = 1 if topk_group is None else topk_group
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_layer_freq = moe_layer_freq
+        self.first_k_dense_replace = first_k_dense_replace
+        self.norm_topk_prob = norm_topk_prob
+        self.scoring_func = scoring_func
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.pretraining_tp = pretraining_tp
+        self.rope_interleave = rope_interleave
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.mtp_loss_weight = mtp_loss_weight
+        # Read the RoPE setup in one place; the model only looks at `rope_parameters`.
+        self.rope_parameters = _normalize_rope(
+            rope_theta, rope_scaling, rope_parameters, max_position_embeddings
+        )
+        self.rope_theta = self.rope_parameters["rope_theta"]
+        # Derived, not configurable: transformers' own DeepseekV3 writes these too.
+        kwargs.pop("qk_head_dim", None)
+        kwargs.pop("head_dim", None)
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.head_dim = qk_rope_head_dim
+        self._validate()
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # Also write the official spelling, so DeepSeek's own loaders and older transformers read the same RoPE.
+        params = dict(self.rope_parameters)
+        rope_type = params.pop("rope_type")
+        params.pop("rope_theta")
+        out["rope_theta"] = self.rope_theta
+        out["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **params}
+        return out
+
+    @property
+    def mtp_layer_indices(self) -> range:
+        # The MTP module(s) live after the main stack: model.layers.{L + k} (layer 61 for V3).
+        return range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.n_routed_experts is not None
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    def _validate(self) -> None:
+        def need(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"{field}: {why}")
+
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "intermediate_size",
+            "moe_layer_freq",
+        ):
+            value = getattr(self, field)
+            need(isinstance(value, int) and value > 0, field, f"must be a positive integer, got {value!r}")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be null or positive")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        need(
+            self.num_key_value_heads == self.num_attention_heads,
+            "num_key_value_heads",
+            "MLA shares one latent across all heads; must equal num_attention_heads",
+        )
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            f"must be between 0 and num_hidden_layers ({self.num_hidden_layers}), got {self.first_k_dense_replace}",
+        )
+        need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+        if self.n_routed_experts is None:
+            return
+        need(
+            self.topk_method == "noaux_tc",
+            "topk_method",
+            f"only 'noaux_tc' is supported, got {self.topk_method!r}",
+        )
+        need(
+            self.scoring_func == "sigmoid",
+            "scoring_func",
+            f"only 'sigmoid' is supported, got {self.scoring_func!r}",
+        )
+        need(self.n_routed_experts > 0, "n_routed_experts", "must be positive")
+        need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
+        need(
+            self.n_group > 0 and self.n_routed_experts % self.n_group == 0,
+            "n_group",
+            f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})",
+        )
+        need(
+            0 < self.topk_group <= self.n_group,
+            "topk_group",
+            f"must be between 1 and n_group ({self.n_group}), got {self.topk_group}",
+        )
+        per_group = self.n_routed_experts // self.n_group
+        need(
+            self.n_group == 1 or per_group >= 2,
+            "n_group",
+            "group scores sum the top-2 experts of each group, so each group needs >= 2 experts",
+        )
+        offered = self.topk_group * per_group
+        need(
+            self.num_experts_per_tok is not None and 0 < self.num_experts_per_tok <= offered,
+            "num_experts_per_tok",
+            f"must be between 1 and the {offered} experts the kept groups offer, got {self.num_experts_per_tok}",
+        )
+        need(self.n_shared_experts is None or self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")

@@ -1,0 +1,671 @@
+# DeepSeek-V3 (V3 / R1 / V3.1, Kimi-K2, Moonlight) for transformers >= 5, written bottom-up:
+# RMSNorm -> rotary (YaRN, interleaved) -> MLA attention -> MLP -> router -> MoE -> decoder layer -> MTP layer
+# -> PreTrainedModel -> Model -> ForCausalLM.
+#
+# This file is copied into every checkpoint we write and loaded as remote code: it may import flat siblings by
+# relative import only, and uses only stable transformers API (PreTrainedModel, GenerationMixin, Cache.update).
+#
+# Shape legend (suffixes on tensor names):
+#   B batch   S query length   T key length (cache + new)   D hidden_size   V vocab
+#   H heads   N qk_nope_head_dim   R qk_rope_head_dim   U v_head_dim   C kv_lora_rank
+#   E routed experts   K experts per token   M tokens (B*S flattened)
+#
+# The state dict uses the official names (model.layers.{i}.mlp.experts.{e}.gate_proj.weight, the MTP module at
+# model.layers.{num_hidden_layers + k}); fast paths are derived from these weights, never stored beside them.
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration_deepseek import DeepseekV3Config
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------- norms
+class DeepseekV3RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the official order of operations.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- rotary
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(rope: dict, dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (R/2,) and the cos/sin attention factor for a normalised `rope_parameters` dict."""
+    base = rope["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if rope["rope_type"] != "yarn":
+        return inv_freq.float(), 1.0
+    factor, orig = rope["factor"], rope["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(rope["beta_fast"])), 0)
+    high = min(math.ceil(correction_dim(rope["beta_slow"])), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    # ramp = 0 keeps the original (high) frequencies, ramp = 1 interpolates them by `factor`.
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    mscale, mscale_all_dim = rope["mscale"], rope["mscale_all_dim"]
+    if mscale and mscale_all_dim:
+        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)  # 1.0 for V3
+    else:
+        attention_factor = yarn_mscale(factor)
+    return inv_freq.float(), attention_factor
+
+
+def softmax_scale(config: DeepseekV3Config) -> float:
+    # qk_head_dim^-0.5, times mscale^2 under YaRN (V3: m = 0.1 * 1.0 * ln 40 + 1 = 1.3689).
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    rope = config.rope_parameters
+    if rope["rope_type"] == "yarn" and rope["mscale_all_dim"]:
+        scale *= yarn_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
+    return scale
+
+
+class DeepseekV3RotaryEmbedding(nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(config.rope_parameters, config.qk_rope_head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in fp32 whatever the model dtype: positions up to 163840 need the mantissa.
+        angles_BSr = position_ids_BS[..., None].float() * self.inv_freq.float()  # r = R/2
+        return angles_BSr.cos() * self.attention_factor, angles_BSr.sin() * self.attention_factor
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # The official weights rotate interleaved pairs (x0, x1), (x2, x3), ... as complex numbers; the output keeps
+    # that layout. cos/sin are (B, S, R/2) and must already be broadcastable to x[..., ::2].
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- attention
+class DeepseekV3Attention(nn.Module):
+    """Multi-head Latent Attention. Only the latent (c_kv after its norm, k_rope after RoPE; C + R values per
+    token) is cached; keys and values are expanded from it through kv_b_proj."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.dropout = config.attention_dropout
+        self.softmax_scale = softmax_scale(config)
+        D, H, bias = config.hidden_size, self.n_heads, config.attention_bias
+        qk_dim = self.nope_dim + self.rope_dim
+        if config.q_lora_rank is None:  # Moonlight / V2-Lite: plain query projection
+            self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = DeepseekV3RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+
+    def _project_q(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = x_BSD.shape
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q_BSHd = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
+        return q_BSHd.split([self.nope_dim, self.rope_dim], dim=-1)  # q_nope_BSHN, q_rope_BSHR
+
+    def _compress_kv(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c_kv_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv_BSC), k_rope_BSR  # k_rope is one head shared by all heads
+
+    def _expand_kv(self, c_kv_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = c_kv_BTC.shape
+        kv_BTHd = self.kv_b_proj(c_kv_BTC).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope_BTHN, v_BTHU = kv_BTHd.split([self.nope_dim, self.v_dim], dim=-1)
+        return k_nope_BTHN.transpose(1, 2), v_BTHU.transpose(1, 2)  # (B, H, T, N), (B, H, T, U)
+
+    def _attend(
+        self, q_BHSd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTU: torch.Tensor, mask_B1ST: torch.Tensor | None
+    ) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        if self.config._attn_implementation == "eager":
+            scores_BHST = torch.matmul(q_BHSd, k_BHTd.transpose(-1, -2)) * self.softmax_scale
+            if mask_B1ST is not None:
+                scores_BHST = scores_BHST.masked_fill(~mask_B1ST, float("-inf"))
+            probs_BHST = F.softmax(scores_BHST, dim=-1, dtype=torch.float32).to(
+                q_BHSd.dtype
+            )  # softmax in fp32
+            probs_BHST = F.dropout(probs_BHST, p=dropout, training=self.training)
+            return torch.matmul(probs_BHST, v_BHTU)
+        return F.scaled_dot_product_attention(
+            q_BHSd, k_BHTd, v_BHTU, attn_mask=mask_B1ST, dropout_p=dropout, scale=self.softmax_scale
+        )
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask_B1ST: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        cos_BSr, sin_BSr = rope_cos_sin
+        q_nope_BSHN, q_rope_BSHR = self._project_q(x_BSD)
+        q_rope_BSHR = apply_rope_interleaved(q_rope_BSHR, cos_BSr[:, :, None], sin_BSr[:, :, None])
+        c_kv_BSC, k_rope_BSR = self._compress_kv(x_BSD)
+        k_rope_BSR = apply_rope_interleaved(k_rope_BSR, cos_BSr, sin_BSr)
+        if past_key_values is not None:
+            # The cache holds the latent as two single-"head" tensors: (B, 1, T, C) and (B, 1, T, R).
+            c_kv_B1TC, k_rope_B1TR = past_key_values.update(
+                c_kv_BSC[:, None], k_rope_BSR[:, None], self.layer_idx
+            )
+            c_kv_BTC, k_rope_BTR = c_kv_B1TC[:, 0], k_rope_B1TR[:, 0]
+        else:
+            c_kv_BTC, k_rope_BTR = c_kv_BSC, k_rope_BSR
+        k_nope_BHTN, v_BHTU = self._expand_kv(c_kv_BTC)
+        T = c_kv_BTC.shape[1]
+        k_BHTd = torch.cat(
+            [k_nope_BHTN, k_rope_BTR[:, None].expand(B, self.n_heads, T, self.rope_dim)], dim=-1
+        )
+        q_BHSd = torch.cat([q_nope_BSHN, q_rope_BSHR], dim=-1).transpose(1, 2)
+        out_BHSU = self._attend(q_BHSd, k_BHTd, v_BHTU, mask_B1ST)
+        return self.o_proj(out_BHSU.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
+
+
+# ------------------------------------------------------------------------------------------------------- MLP
+class DeepseekV3MLP(nn.Module):
+    def __init__(self, config: DeepseekV3Config, intermediate_size: int | None = None) -> None:
+        super().__init__()
+        inner = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.down_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------------- router
+class DeepseekV3TopkRouter(nn.Module):
+    """noaux_tc routing: sigmoid scores; the correction bias selects experts but never weights them."""
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = config.num_experts_per_tok, config.n_routed_experts
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x_MD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        M = x_MD.shape[0]
+        # The router runs in fp32 (the official code uses bf16 logits; fp32 is the documented choice here).
+        scores_ME = F.linear(x_MD.float(), self.weight.float()).sigmoid()
+        choice_ME = scores_ME.detach() + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            # Group score = sum of the top-2 choice scores in each group; keep topk_group groups, -inf the rest.
+            choice_MGe = choice_ME.view(M, self.n_group, -1)
+            group_MG = choice_MGe.topk(2, dim=-1).values.sum(-1)
+            keep_MG = torch.zeros_like(group_MG, dtype=torch.bool)
+            keep_MG.scatter_(1, group_MG.topk(self.topk_group, dim=-1).indices, True)
+            choice_ME = choice_MGe.masked_fill(~keep_MG[..., None], float("-inf")).view(M, -1)
+        idx_MK = choice_ME.topk(self.top_k, dim=-1).indices
+        weight_MK = scores_ME.gather(1, idx_MK)  # unbiased scores
+        if self.norm_topk_prob:
+            weight_MK = weight_MK / (weight_MK.sum(-1, keepdim=True) + 1e-20)
+        return idx_MK, weight_MK * self.scaling, scores_ME
+
+
+# ------------------------------------------------------------------------------------------------------- MoE
+class DeepseekV3MoE(nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.gate = DeepseekV3TopkRouter(config)
+        self.experts = nn.ModuleList(
+            DeepseekV3MLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = (
+            DeepseekV3MLP(config, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def _dispatch(self, x_MD: torch.Tensor, idx_MK: torch.Tensor, weight_MK: torch.Tensor) -> torch.Tensor:
+        # Sort the M*K (token, expert) pairs by expert, run each expert that got tokens once on its contiguous
+        # slice, scatter back weighted. Python loops only over the experts that were hit (<= M*K of them).
+        M, K = idx_MK.shape
+        flat_idx = idx_MK.flatten()
+        order = flat_idx.argsort(stable=True)
+        token_of = order // K
+        counts = torch.bincount(flat_idx, minlength=len(self.experts))
+        active = counts.nonzero().flatten().tolist()
+        x_sorted = x_MD[token_of]
+        chunks = x_sorted.split(counts[active].tolist())
+        y_sorted = torch.cat([self.experts[e](chunk) for e, chunk in zip(active, chunks, strict=True)])
+        y_sorted = y_sorted.float() * weight_MK.flatten()[order, None]
+        # Accumulate the K expert outputs of each token in fp32, no token dropping, no capacity limit.
+        y_MD = torch.zeros(M, x_MD.shape[-1], dtype=torch.float32, device=x_MD.device)
+        return y_MD.index_add(0, token_of, y_sorted).to(x_MD.dtype)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x_MD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        idx_MK, weight_MK, _ = self.gate(x_MD)
+        y_MD = self._dispatch(x_MD, idx_MK, weight_MK)
+        if self.shared_experts is not None:
+            y_MD = y_MD + self.shared_experts(x_MD)
+        return y_MD.view_as(x_BSD)
+
+
+# --------------------------------------------------------------------------------------------- decoder layer
+class DeepseekV3DecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = DeepseekV3Attention(config, layer_idx)
+        self.mlp = DeepseekV3MoE(config) if config.is_moe_layer(layer_idx) else DeepseekV3MLP(config)
+        self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        h_BSD: torch.Tensor,
+        rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask_B1ST: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), rope_cos_sin, mask_B1ST, past_key_values)
+        return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
+
+
+# ------------------------------------------------------------------------------------------------- MTP layer
+class DeepseekV3MTPHead(nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
+    """MTP module k, stored at model.layers.{L + k - 1}: at position i it combines the embedding of t_{i+k}
+    with the hidden state h_i and predicts t_{i+k+1}. It owns copies of the embedding and head, as on disk."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        D = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, D)
+        self.enorm = DeepseekV3RMSNorm(D, config.rms_norm_eps)
+        self.hnorm = DeepseekV3RMSNorm(D, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.shared_head = DeepseekV3MTPHead(config)
+
+    def forward(
+        self,
+        next_ids_BS: torch.Tensor,
+        h_BSD: torch.Tensor,
+        rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask_B1ST: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_i)]) - embedding first, as in the official layout.
+        x_BSD = self.eh_proj(
+            torch.cat([self.enorm(self.embed_tokens(next_ids_BS)), self.hnorm(h_BSD)], dim=-1)
+        )
+        out_BSD = super().forward(x_BSD, rope_cos_sin, mask_B1ST, past_key_values)
+        return out_BSD, self.shared_head.head(self.shared_head.norm(out_BSD))
+
+
+# ----------------------------------------------------------------------------------------------- base class
+def _check_loading_info(source, config: DeepseekV3Config, info: dict) -> None:
+    last = config.num_hidden_layers + config.num_nextn_predict_layers
+
+    def beyond_model(name: str) -> bool:
+        # MTP layers the config chose not to build (num_nextn_predict_layers lowered to drop them).
+        parts = name.split(".")
+        return (
+            len(parts) > 2
+            and parts[:2] == ["model", "layers"]
+            and parts[2].isdigit()
+            and int(parts[2]) >= last
+        )
+
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not beyond_model(k))
+    mismatched = sorted(
+        f"{m[0]} (checkpoint {list(m[1])} vs model {list(m[2])})"
+        if isinstance(m, tuple) and len(m) == 3
+        else str(m)
+        for m in info.get("mismatched_keys") or []
+    )
+    for kind, names in (("missing", missing), ("unexpected", unexpected), ("misshaped", mismatched)):
+        if names:
+            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            raise ValueError(f"{source}: {kind} tensor(s) {', '.join(names[:3])}{more}")
+    for msg in info.get("error_msgs") or []:
+        raise ValueError(f"{source}: {msg}")
+
+
+def _init_tensor(tensor: torch.Tensor, fill: str, std: float = 0.0) -> None:
+    # transformers >= 5 marks tensors loaded from the checkpoint; never overwrite those.
+    if getattr(tensor, "_is_hf_initialized", False):
+        return
+    with torch.no_grad():
+        if fill == "normal":
+            tensor.normal_(0.0, std)
+        elif fill == "ones":
+            tensor.fill_(1.0)
+        else:
+            tensor.zero_()
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekV3DecoderLayer", "DeepseekV3MTPLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+
+    def __init__(self, config: DeepseekV3Config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        config.auto_map = dict(AUTO_MAP)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # transformers only warns about missing weights and initialises them randomly; for a checkpoint that is
+        # a silent corruption, so any missing, unexpected or misshaped tensor is an error that names it.
+        want_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+        if allow_mismatch:
+            info = {**info, "mismatched_keys": []}
+        _check_loading_info(pretrained_model_name_or_path, model.config, info)
+        return (model, info) if want_info else model
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            _init_tensor(module.weight, "normal", std)
+            if getattr(module, "bias", None) is not None:
+                _init_tensor(module.bias, "zeros")
+        elif isinstance(module, DeepseekV3RMSNorm):
+            _init_tensor(module.weight, "ones")
+        elif isinstance(module, DeepseekV3TopkRouter):
+            _init_tensor(module.weight, "normal", std)
+            _init_tensor(module.e_score_correction_bias, "zeros")
+        elif isinstance(module, DeepseekV3RotaryEmbedding):
+            inv_freq, _ = rope_inv_freq(self.config.rope_parameters, self.config.qk_rope_head_dim)
+            module.inv_freq.copy_(inv_freq)  # non-persistent: rebuilt after meta-device init
+
+
+# ----------------------------------------------------------------------------------------------------- model
+def attention_mask_4d(
+    attention_mask: torch.Tensor | None, B: int, S: int, past: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean (B, 1, S, T) mask, True = may attend: causal, and padding from a 2-D (B, T) mask."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        # A prepared 4-D mask: boolean, or additive (0 = attend, large negative = masked).
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    else:
+        T = past + S
+        q_pos, k_pos = torch.arange(past, T, device=device), torch.arange(T, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(
+                    f"attention_mask: expected shape {(B, T)} (past + new tokens), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            mask = mask & attention_mask.bool()[:, None, None, :]
+        mask = mask.expand(B, 1, S, T)
+    # A left-padding query row sees no key at all; let it attend everywhere (its output is never used) so that
+    # softmax stays finite and gradients stay clean.
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # Main stack 0..L-1, then the MTP module(s) at L..L+n-1 (official layout: layer 61 for V3).
+        self.layers = nn.ModuleList(
+            [DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+            + [DeepseekV3MTPLayer(config, i) for i in config.mtp_layer_indices]
+        )
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = DeepseekV3RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @property
+    def mtp_layers(self) -> list[DeepseekV3MTPLayer]:
+        return [self.layers[i] for i in self.config.mtp_layer_indices]
+
+    def _run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(layer.__call__, *args)
+        return layer(*args)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputation would write the cache twice
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        h_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S, _ = h_BSD.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = self._position_ids(attention_mask, B, S, past, h_BSD.device)
+        mask_B1ST = attention_mask_4d(attention_mask, B, S, past, h_BSD.device)
+        rope_cos_sin = self.rotary_emb(position_ids)
+        all_hidden = []
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            if output_hidden_states:
+                all_hidden.append(h_BSD)
+            h_BSD = self._run_layer(layer, h_BSD, rope_cos_sin, mask_B1ST, past_key_values)
+        h_BSD = self.norm(h_BSD)
+        if output_hidden_states:
+            all_hidden.append(h_BSD)
+        return BaseModelOutputWithPast(
+            last_hidden_state=h_BSD,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+    @staticmethod
+    def _position_ids(
+        attention_mask: torch.Tensor | None, B: int, S: int, past: int, device: torch.device
+    ) -> torch.Tensor:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Left padding: the first real token of every row sits at position 0.
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
+        return torch.arange(past, past + S, device=device)[None].expand(B, S)
+
+    def mtp_forward(
+        self,
+        input_ids: torch.LongTensor,
+        h_BSD: torch.Tensor,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Logits of every MTP depth k = 1..n over a full sequence (no cache): depth k at position i predicts
+        t_{i+k+1}; its logits have length S - k. `h_BSD` is the main model's last hidden state after its norm."""
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = self._position_ids(attention_mask, B, S, 0, input_ids.device)
+        logits = []
+        for k, layer in enumerate(self.mtp_layers, start=1):
+            if S - k <= 0:
+                break
+            h_BSD = h_BSD[:, : S - k]
+            pair_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                # (h_i, t_{i+k}) is a real pair only when both positions are real tokens.
+                pair_mask = attention_mask[:, : S - k].bool() & attention_mask[:, k:].bool()
+            mask_B1ST = attention_mask_4d(pair_mask, B, S - k, 0, input_ids.device)
+            rope_cos_sin = self.rotary_emb(position_ids[:, : S - k])
+            h_BSD, logits_k = self._run_layer(layer, input_ids[:, k:], h_BSD, rope_cos_sin, mask_B1ST, None)
+            logits.append(logits_k)
+        return logits
+
+
+@dataclass
+class DeepseekV3CausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    lm_loss: torch.FloatTensor | None = None
+    mtp_loss: torch.FloatTensor | None = None
+    mtp_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+def causal_lm_loss(
+    logits_BSV: torch.Tensor, labels_BS: torch.Tensor, num_items: int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of logits at position i against labels[i + 1] (labels unshifted, -100 ignored)."""
+    logits = logits_BSV[:, :-1].float().flatten(0, 1)
+    target = labels_BS[:, 1:].flatten().to(logits.device)
+    if num_items is None:
+        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / num_items
+
+
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__(config)
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mtp_loss_weight: float | None = None,
+        output_mtp_logits: bool = False,
+        **kwargs,
+    ) -> DeepseekV3CausalLMOutputWithPast:
+        """With `labels`: loss = lm_loss + mtp_loss_weight * mtp_loss (weight from the argument, else
+        config.mtp_loss_weight; mtp_loss is the mean over MTP depths). `lm_loss` alone is the perplexity loss."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        h_BSD = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h_BSD[:, keep])
+        num_items = kwargs.get("num_items_in_batch")
+        lm_loss = loss = mtp_loss = mtp_logits = None
+        if labels is not None:
+            lm_loss = loss = causal_lm_loss(logits, labels, num_items)
+        want_mtp = (labels is not None or output_mtp_logits) and input_ids is not None
+        if want_mtp and self.config.num_nextn_predict_layers > 0:
+            mtp_logits = self.model.mtp_forward(input_ids, h_BSD, position_ids, attention_mask)
+            if labels is not None and mtp_logits:
+                # Depth k's logits at i predict labels[i + k + 1]: shift the labels by k, then the usual +1.
+                per_depth = [
+                    causal_lm_loss(lg, labels[:, k:], num_items) for k, lg in enumerate(mtp_logits, 1)
+                ]
+                mtp_loss = torch.stack(per_depth).mean()
+                weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+                loss = lm_loss + weight * mtp_loss
+        return DeepseekV3CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            lm_loss=lm_loss,
+            mtp_loss=mtp_loss,
+            mtp_logits=tuple(mtp_logits) if mtp_logits is not None else None,
+        )
+
+
+# Every checkpoint we save names these classes in config.json's auto_map, like the official repositories do.
+AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek.DeepseekV3Config",
+    "AutoModel": "modeling_deepseek.DeepseekV3Model",
+    "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
+}
+DeepseekV3Config.register_for_auto_class()
+DeepseekV3Model.register_for_auto_class("AutoModel")
+DeepseekV3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["DeepseekV3PreTrainedModel", "DeepseekV3Model", "DeepseekV3ForCausalLM", "DeepseekV3Config"]

@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Built-in tiny checkpoints in the official layout, one per preset, built once per session."""
+    from convert.tiny import build_tiny
+
+    cache: dict[str, Path] = {}
+
+    def get(preset: str = "v3") -> Path:
+        if preset not in cache:
+            cache[preset] = build_tiny(tmp_path_factory.mktemp(f"tiny-{preset}"), preset)
+        return cache[preset]
+
+    return get
+
+
+def run_python(code: str, *args: str) -> str:
+    """Run code in a fresh interpreter (fresh module cache), return stdout; fail with stderr's tail."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
