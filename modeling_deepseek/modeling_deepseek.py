@@ -340,10 +340,13 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
 
 
 # ----------------------------------------------------------------------------------------------- base class
-def _check_loading_info(source, config: DeepseekV3Config, info: dict) -> None:
+def _check_loading_info(source, model: nn.Module, info: dict) -> None:
+    config = model.config
     last = config.num_hidden_layers + config.num_nextn_predict_layers
 
     def beyond_model(name: str) -> bool:
+        if name.startswith("lm_head.") and not hasattr(model, "lm_head"):
+            return True  # AutoModel on a causal-LM checkpoint: the head is legitimately unused
         # MTP layers the config chose not to build (num_nextn_predict_layers lowered to drop them).
         parts = name.split(".")
         return (
@@ -410,7 +413,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         )
         if allow_mismatch:
             info = {**info, "mismatched_keys": []}
-        _check_loading_info(pretrained_model_name_or_path, model.config, info)
+        _check_loading_info(pretrained_model_name_or_path, model, info)
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
