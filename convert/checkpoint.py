@@ -11,11 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import modeling_deepseek
+from modeling_deepseek.configuration_deepseek import AUTO_MAP
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 REMOTE_CODE_DIR = Path(modeling_deepseek.__file__).parent
-REMOTE_CODE_FILES = ("configuration_deepseek.py", "modeling_deepseek.py")
+# Every flat sibling in modeling_deepseek/ is remote code (the model imports fp8.py by relative import).
+REMOTE_CODE_FILES = tuple(sorted(p.name for p in REMOTE_CODE_DIR.glob("*.py") if p.name != "__init__.py"))
 # Files that travel with a checkpoint unchanged (config.json is rewritten by whoever changes the weights).
 SIDE_FILES = (
     "generation_config.json",
@@ -168,8 +170,6 @@ def copy_remote_code(dst: Path) -> None:
 
 
 def with_auto_map(config: dict) -> dict:
-    from modeling_deepseek.modeling_deepseek import AUTO_MAP
-
     return {**config, "auto_map": dict(AUTO_MAP)}
 
 
@@ -188,3 +188,15 @@ def install_remote_code(folder: str | os.PathLike) -> list[str]:
     atomic_write_json(folder / "config.json", with_auto_map(config))
     changed.append("wrote " + ", ".join(REMOTE_CODE_FILES) + " and config.json auto_map")
     return changed
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local folder as is; otherwise a Hub repo id resolved through huggingface_hub (offline-aware)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
+        raise ValueError(f"{model}: not a checkpoint folder (and not a Hub repo id)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model))

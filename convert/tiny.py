@@ -7,9 +7,17 @@ from pathlib import Path
 import torch
 
 from modeling_deepseek.configuration_deepseek import DeepseekV3Config
+from modeling_deepseek.fp8 import blockwise_quant, is_fp8_linear
 from modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
 
 from .checkpoint import ShardWriter, atomic_write_json, copy_remote_code, with_auto_map
+
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 
@@ -197,17 +205,27 @@ def write_official_layout(
     model: DeepseekV3ForCausalLM,
     out: Path,
     dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
     max_shard_bytes: int = 2 * 2**20,
 ) -> dict:
     """Save like the official repositories: several shards + index, the MTP layer included, config with
-    auto_map, remote code. (save_pretrained works too; this mirrors the official sharding and dtype.)"""
+    auto_map, remote code; with fp8, the projections as float8_e4m3fn + weight_scale_inv (quantized from the
+    BF16 values, float scales) exactly where DeepSeek's FP8 release has them."""
     writer = ShardWriter(out, max_shard_bytes=max_shard_bytes)
     for name, tensor in model.state_dict().items():
         # The router's correction bias stays fp32 on disk, like the official checkpoints.
         keep_fp32 = name.endswith("e_score_correction_bias")
-        writer.add(name, tensor.detach().to(torch.float32 if keep_fp32 else dtype).cpu())
+        t = tensor.detach().to(torch.float32 if keep_fp32 else dtype).cpu()
+        if fp8 and name.endswith(".weight") and t.dim() == 2 and is_fp8_linear(name.removesuffix(".weight")):
+            q, scale = blockwise_quant(t)
+            writer.add(name, q)
+            writer.add(name + "_scale_inv", scale)
+        else:
+            writer.add(name, t)
     index = writer.close()
     config = model.config.to_dict()
+    if fp8:
+        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     config.update(architectures=["DeepseekV3ForCausalLM"], torch_dtype=str(dtype).removeprefix("torch."))
     config.pop("dtype", None)
     atomic_write_json(out / "config.json", with_auto_map(config))
@@ -215,13 +233,11 @@ def write_official_layout(
     return index
 
 
-def build_tiny(
-    out: str | os.PathLike, preset: str = "v3", seed: int = 0, dtype: torch.dtype = torch.bfloat16
-) -> Path:
+def build_tiny(out: str | os.PathLike, preset: str = "v3", seed: int = 0, fp8: bool = False) -> Path:
     out = Path(out)
     model = random_tiny_model(preset, seed)
     out.mkdir(parents=True, exist_ok=True)
-    write_official_layout(model, out, dtype)
+    write_official_layout(model, out, torch.bfloat16, fp8=fp8)
     build_tokenizer(out, model.config.vocab_size)
     atomic_write_json(
         out / "generation_config.json",

@@ -57,18 +57,63 @@ def demo(
 def tiny(
     out: Path = typer.Argument(..., help="Output folder (must not exist or be empty, unless --force)."),
     preset: str = typer.Option("v3", help="v3 (YaRN, q-LoRA, grouped routing, MTP) | moonlight | kimi"),
+    fp8: bool = typer.Option(False, "--fp8/--bf16", help="Official FP8 block layout, or plain BF16."),
     seed: int = typer.Option(0, help="Random seed for the weights."),
     force: bool = typer.Option(False, help="Overwrite a non-empty output folder."),
 ):
-    """Write a small random checkpoint in the official layout (BF16 shards, config, tokenizer, remote code).
+    """Write a small random checkpoint in the official layout (shards + index, config, tokenizer, remote code).
 
-    Example: dsv3 tiny ./tiny-v3 --preset v3
+    Example: dsv3 tiny ./tiny-v3-fp8 --preset v3 --fp8
     """
     from convert.tiny import build_tiny
 
     _refuse_non_empty(out, force)
-    path = build_tiny(out, preset, seed)
-    typer.echo(f"wrote {preset} tiny checkpoint to {path}")
+    path = build_tiny(out, preset, seed, fp8=fp8)
+    typer.echo(f"wrote {preset} tiny checkpoint ({'FP8' if fp8 else 'BF16'}) to {path}")
+
+
+convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints shard by shard on CPU (resumable).")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("fp8-to-bf16")
+@_friendly
+def fp8_to_bf16(
+    src: str = typer.Argument(..., help="FP8 checkpoint folder or Hub repo id (never modified)."),
+    dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
+    dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32"),
+    drop_mtp: bool = typer.Option(
+        False, help="Leave out the MTP layer(s) (model.layers.{num_hidden_layers}+)."
+    ),
+    workers: int = typer.Option(0, help="Converter threads (0 = one per CPU core)."),
+    force: bool = typer.Option(False, help="Overwrite a non-empty destination."),
+):
+    """Dequantize an FP8 block-scaled checkpoint: bit-identical to dtype(fp32(q) * scale), no GPU needed.
+
+    Example: dsv3 convert fp8-to-bf16 ~/models/DeepSeek-V3 ~/models/DeepSeek-V3-bf16
+    """
+    from convert.fp8 import fp8_to_bf16 as run
+
+    typer.echo(run(src, dst, dtype, drop_mtp, workers or None, force).summary())
+
+
+@convert_app.command("bf16-to-fp8")
+@_friendly
+def bf16_to_fp8(
+    src: str = typer.Argument(..., help="BF16/FP16/FP32 checkpoint folder or Hub repo id (never modified)."),
+    dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
+    block_size: int = typer.Option(128, help="Square quantization block size."),
+    scale_fmt: str = typer.Option("float", help="float (amax/448) | ue8m0 (power-of-two scales, V3.1 style)"),
+    workers: int = typer.Option(0, help="Converter threads (0 = one per CPU core)."),
+    force: bool = typer.Option(False, help="Overwrite a non-empty destination."),
+):
+    """Quantize to DeepSeek's FP8 block format (float8_e4m3fn + weight_scale_inv), official tensor selection.
+
+    Example: dsv3 convert bf16-to-fp8 ./tiny-bf16 ./tiny-fp8 --scale-fmt ue8m0
+    """
+    from convert.fp8 import bf16_to_fp8 as run
+
+    typer.echo(run(src, dst, block_size, scale_fmt, workers or None, force).summary())
 
 
 @app.command("install-code")

@@ -1,23 +1,12 @@
 """Loading a checkpoint folder (or Hub id) with our remote code and generating text."""
 
 import os
-from pathlib import Path
 
 import torch
 
+from convert.checkpoint import resolve_model_path
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
-
-
-def resolve_model_path(model: str) -> Path:
-    """A local folder as is; otherwise a Hub repo id resolved through huggingface_hub (offline-aware)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
-        raise ValueError(f"{model}: not a checkpoint folder (and not a Hub repo id)")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model))
 
 
 def load_model(model: str | os.PathLike, dtype: str = "fp32", device: str = "cpu"):

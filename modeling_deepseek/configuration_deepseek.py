@@ -5,6 +5,13 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+# Every checkpoint we save names these classes in config.json's auto_map, like the official repositories do.
+AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek.DeepseekV3Config",
+    "AutoModel": "modeling_deepseek.DeepseekV3Model",
+    "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
+}
+
 # RoPE types the model implements; anything else is rejected by name instead of silently ignored.
 ROPE_TYPES = ("default", "yarn")
 YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
@@ -45,6 +52,23 @@ def _normalize_rope(
             out[key] = float(default if value is None else value)
     out.update(params)  # keep unknown extras (e.g. attention_factor) so a re-save loses nothing
     return out
+
+
+def _validate_fp8(quant: dict[str, Any]) -> dict[str, Any]:
+    block = quant.get("weight_block_size", [128, 128])
+    if not (
+        isinstance(block, (list, tuple))
+        and len(block) == 2
+        and all(isinstance(b, int) and b > 0 for b in block)
+    ):
+        raise ValueError(
+            f"quantization_config.weight_block_size: expected two positive integers, got {block!r}"
+        )
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"quantization_config.fmt: only 'e4m3' is supported, got {quant.get('fmt')!r}")
+    if quant.get("scale_fmt", "float") not in ("float", "ue8m0", None):
+        raise ValueError(f"quantization_config.scale_fmt: 'float' or 'ue8m0', got {quant.get('scale_fmt')!r}")
+    return {**quant, "weight_block_size": list(block)}
 
 
 class DeepseekV3Config(PretrainedConfig):
@@ -97,6 +121,7 @@ class DeepseekV3Config(PretrainedConfig):
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
         mtp_loss_weight: float = 0.3,
+        fp8_mode: str = "dequantize",
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -136,6 +161,19 @@ class DeepseekV3Config(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.mtp_loss_weight = mtp_loss_weight
+        # FP8 block-quantized checkpoints are handled by our own loader (modeling_deepseek/fp8.py), on any device;
+        # transformers' built-in fp8 quantizer must not see them (its CPU dequant breaks on partial blocks), so
+        # the config keeps them under its own name and writes them back as `quantization_config` on save.
+        # fp8_mode: "dequantize" (to the requested dtype at load) or "keep" (FP8 in memory, dequant per matmul).
+        quant = kwargs.get("quantization_config")
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+        self.fp8_quantization_config = None
+        if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+            kwargs.pop("quantization_config")
+            self.fp8_quantization_config = _validate_fp8(quant)
+        if fp8_mode not in ("dequantize", "keep"):
+            raise ValueError(f"fp8_mode: choose 'dequantize' or 'keep', got {fp8_mode!r}")
+        self.fp8_mode = fp8_mode
         # Read the RoPE setup in one place; the model only looks at `rope_parameters`.
         self.rope_parameters = _normalize_rope(
             rope_theta, rope_scaling, rope_parameters, max_position_embeddings
@@ -157,6 +195,10 @@ class DeepseekV3Config(PretrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
+        fp8 = out.pop("fp8_quantization_config", None)
+        out.pop("fp8_mode", None)  # a load-time choice, not a property of the checkpoint
+        if fp8 is not None:
+            out["quantization_config"] = fp8
         # Also write the official spelling, so DeepSeek's own loaders and older transformers read the same RoPE.
         params = dict(self.rope_parameters)
         rope_type = params.pop("rope_type")

@@ -23,7 +23,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
-from .configuration_deepseek import DeepseekV3Config
+from .configuration_deepseek import AUTO_MAP, DeepseekV3Config
+from .fp8 import FP8Linear, check_scale, is_fp8_linear
 
 IGNORE_INDEX = -100
 
@@ -340,6 +341,45 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
 
 
 # ----------------------------------------------------------------------------------------------- base class
+def _swap_in_fp8_linears(root: nn.Module, prefix: str, config: DeepseekV3Config) -> None:
+    # Build-time: the projections the checkpoint stores as FP8 become FP8Linear, so the loader fills their
+    # float8 `weight` and fp32 `weight_scale_inv` unchanged (transformers keeps a parameter's own dtype).
+    quant = config.fp8_quantization_config
+    skip = quant.get("modules_to_not_convert") or ()
+    for name, module in list(root.named_modules()):
+        if isinstance(module, nn.Linear) and is_fp8_linear(prefix + name, skip):
+            parent, _, child = name.rpartition(".")
+            fp8 = FP8Linear(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                tuple(quant["weight_block_size"]),
+            )
+            setattr(root.get_submodule(parent), child, fp8)
+
+
+@torch.no_grad()
+def _finish_fp8_load(model: nn.Module) -> None:
+    # Load-time: validate every scale, then (fp8_mode "dequantize") replace each FP8Linear by a plain Linear in
+    # the model's dtype, one module at a time so peak memory stays near the final model size.
+    config = model.config
+    if config.fp8_quantization_config is None:
+        return
+    prefix = "" if hasattr(model, "lm_head") else "model."
+    dtype = model.get_input_embeddings().weight.dtype
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, FP8Linear):
+            continue
+        check_scale(prefix + name + ".weight", module.weight, module.weight_scale_inv, module.block)
+        if config.fp8_mode == "dequantize":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.to_linear(dtype))
+    if config.fp8_mode == "dequantize":
+        config.fp8_quantization_config = (
+            None  # the model in memory is no longer quantized; saving writes plain
+        )
+
+
 def _check_loading_info(source, model: nn.Module, info: dict) -> None:
     config = model.config
     last = config.num_hidden_layers + config.num_nextn_predict_layers
@@ -414,6 +454,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         if allow_mismatch:
             info = {**info, "mismatched_keys": []}
         _check_loading_info(pretrained_model_name_or_path, model, info)
+        _finish_fp8_load(model)
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -422,6 +463,10 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             _init_tensor(module.weight, "normal", std)
             if getattr(module, "bias", None) is not None:
                 _init_tensor(module.bias, "zeros")
+        elif isinstance(module, FP8Linear):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight.data.view(torch.uint8).zero_()
+            _init_tensor(module.weight_scale_inv, "ones")
         elif isinstance(module, DeepseekV3RMSNorm):
             _init_tensor(module.weight, "ones")
         elif isinstance(module, DeepseekV3TopkRouter):
@@ -469,6 +514,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.norm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = DeepseekV3RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        if config.fp8_quantization_config is not None:
+            _swap_in_fp8_linears(self, "model.", config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -661,12 +708,6 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         )
 
 
-# Every checkpoint we save names these classes in config.json's auto_map, like the official repositories do.
-AUTO_MAP = {
-    "AutoConfig": "configuration_deepseek.DeepseekV3Config",
-    "AutoModel": "modeling_deepseek.DeepseekV3Model",
-    "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
-}
 DeepseekV3Config.register_for_auto_class()
 DeepseekV3Model.register_for_auto_class("AutoModel")
 DeepseekV3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,325 @@
+"""FP8 <-> BF16 checkpoint conversion on CPU, shard by shard.
+
+Every output shard is written under a temporary name and renamed when complete, and has the same file name as
+its source shard; a job marker in the destination records the job, so a re-run after an interruption (even
+kill -9) skips finished shards and produces byte-identical output. The index, config.json, side files and
+remote code are written last; the marker is removed when the job is complete.
+"""
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from modeling_deepseek.fp8 import (
+    FP8_DTYPE,
+    SCALE_FORMATS,
+    blockwise_dequant,
+    blockwise_quant,
+    check_scale,
+    is_fp8_linear,
+)
+
+from .checkpoint import (
+    INDEX_NAME,
+    CheckpointError,
+    CheckpointReader,
+    atomic_write_json,
+    copy_remote_code,
+    copy_side_files,
+    read_config,
+    resolve_model_path,
+    with_auto_map,
+    write_shard,
+)
+
+MARKER = ".dsv3-job.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCALE_SUFFIX = "_scale_inv"
+# Converts one shard's tensors: ({name: tensor}, reader for cross-shard lookups, thread pool) -> {name: tensor}.
+ShardFn = Callable[[dict[str, torch.Tensor], CheckpointReader, ThreadPoolExecutor], dict[str, torch.Tensor]]
+
+
+@dataclass
+class ConvertReport:
+    dst: Path
+    shards_written: int = 0
+    shards_resumed: int = 0
+    tensors: int = 0
+    input_elements: int = 0
+    output_bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.input_elements / self.seconds / 1e9 if self.seconds else 0.0
+        mbs = self.output_bytes / self.seconds / 1e6 if self.seconds else 0.0
+        return (
+            f"{self.dst}: {self.shards_written} shards written, {self.shards_resumed} resumed, "
+            f"{self.tensors} tensors, {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f}s "
+            f"({rate:.2f} Gelem/s in, {mbs:.0f} MB/s out)"
+        )
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def _prepare_destination(src: Path, dst: Path, job: dict, force: bool) -> bool:
+    """Returns True when resuming the same job. Refuses a non-empty destination without --force."""
+    if src.resolve() == dst.resolve() or src.resolve() in dst.resolve().parents:
+        raise CheckpointError(f"{dst}: the destination must not be the source folder or inside it")
+    marker = dst / MARKER
+    if dst.exists() and any(dst.iterdir()):
+        if marker.is_file() and json.loads(marker.read_text()) == job:
+            for stale in dst.glob("*.tmp"):
+                stale.unlink()  # a half-written file from the interrupted run
+            return True
+        if not force:
+            raise CheckpointError(f"{dst}: exists and is not empty (use --force to overwrite)")
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, job)
+    return False
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+_ITEMSIZE = {
+    "F8_E4M3": 1,
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I8": 1,
+    "U8": 1,
+    "I16": 2,
+    "I32": 4,
+    "I64": 8,
+    "BOOL": 1,
+}
+
+
+def _slice_bytes(sl) -> int:
+    n = 1
+    for d in sl.get_shape():
+        n *= d
+    return n * _ITEMSIZE[sl.get_dtype()]
+
+
+def _run(
+    src: Path,
+    dst: Path,
+    job: dict,
+    shard_fn: ShardFn,
+    new_config: dict,
+    force: bool,
+    workers: int,
+    keep: Callable[[str], bool] = lambda name: True,
+) -> ConvertReport:
+    t0 = time.perf_counter()
+    reader = CheckpointReader(src)
+    resuming = _prepare_destination(src, dst, job, force)
+    report = ConvertReport(dst=dst)
+    if resuming:
+        report.notes.append("resumed an interrupted job")
+    weight_map: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    total_in = sum((src / s).stat().st_size for s in reader.shards if (src / s).is_file())
+    disable = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes")
+    with (
+        tqdm(total=total_in, unit="B", unit_scale=True, desc="converting", disable=disable) as bar,
+        ThreadPoolExecutor(max(1, workers)) as pool,
+    ):
+        for shard in reader.shards:
+            out_path = dst / shard
+            names = [n for n in reader.names_in(shard) if keep(n)]
+            if out_path.is_file():  # finished by an earlier, interrupted run (renames are atomic)
+                header = _read_header(out_path)
+                report.shards_resumed += 1
+            elif names:
+                inputs = {n: reader.get(n) for n in names}
+                outputs = shard_fn(inputs, reader, pool)
+                report.input_elements += sum(t.numel() for t in inputs.values())
+                del inputs
+                if outputs:
+                    _write(out_path, outputs)
+                    report.shards_written += 1
+                header = {n: _tensor_bytes(t) for n, t in outputs.items()}
+                del outputs
+            else:
+                header = {}
+            for name, size in header.items():
+                weight_map[name], sizes[name] = shard, size
+            bar.update((src / shard).stat().st_size)
+    report.tensors = len(weight_map)
+    report.output_bytes = sum(sizes.values())
+    copy_side_files(src, dst)
+    copy_remote_code(dst)
+    atomic_write_json(dst / "config.json", with_auto_map(new_config))
+    atomic_write_json(
+        dst / INDEX_NAME,
+        {"metadata": {"total_size": report.output_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+    )
+    (dst / MARKER).unlink()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _read_header(path: Path) -> dict[str, int]:
+    with safe_open(path, framework="pt") as f:
+        return {k: _slice_bytes(f.get_slice(k)) for k in f.keys()}
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    try:
+        write_shard(path, tensors)
+    except OSError as err:
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise CheckpointError(f"{path}: no space left on the device") from None
+        raise CheckpointError(f"{path}: cannot write ({err.strerror or err})") from None
+    except Exception as err:  # safetensors reports a full disk as its own error type
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        if "No space left" in str(err):
+            raise CheckpointError(f"{path}: no space left on the device") from None
+        raise
+
+
+def _resolve_src(src: str | os.PathLike) -> Path:
+    return resolve_model_path(str(src))
+
+
+# ------------------------------------------------------------------------------------------ FP8 -> BF16
+def fp8_to_bf16(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: str = "bf16",
+    drop_mtp: bool = False,
+    workers: int | None = None,
+    force: bool = False,
+) -> ConvertReport:
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype: choose from {', '.join(DTYPES)}, got {dtype!r}")
+    src, dst = _resolve_src(src), Path(dst)
+    config = read_config(src)
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8":
+        raise CheckpointError(
+            f"{src / 'config.json'}: quantization_config.quant_method is not 'fp8' "
+            f"(found {quant.get('quant_method')!r}); nothing to dequantize"
+        )
+    block = tuple(quant.get("weight_block_size", [128, 128]))
+    target = DTYPES[dtype]
+    n_layers = config["num_hidden_layers"]
+    job = {"job": "fp8-to-bf16", "src": str(src.resolve()), "dtype": dtype, "drop_mtp": drop_mtp}
+
+    def keep(name: str) -> bool:
+        layer = _layer_index(name)
+        return not (drop_mtp and layer is not None and layer >= n_layers)
+
+    def convert_one(name: str, t: torch.Tensor, scale: torch.Tensor | None, where: str) -> torch.Tensor:
+        if t.dtype == FP8_DTYPE:
+            if scale is None:
+                raise CheckpointError(
+                    f"{where}: {name} is FP8 but the checkpoint has no {name}{SCALE_SUFFIX}"
+                )
+            try:
+                check_scale(name, t, scale, block)
+            except ValueError as err:
+                raise CheckpointError(f"{where}: {err}") from None
+            return blockwise_dequant(t, scale, target, block)
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where}: {name} has unexpected dtype {t.dtype}")
+        # The router's correction bias selects experts by small differences: it stays fp32, as shipped.
+        return t if name.endswith("e_score_correction_bias") else t.to(target)
+
+    def shard_fn(inputs: dict[str, torch.Tensor], reader: CheckpointReader, pool) -> dict[str, torch.Tensor]:
+        jobs = []
+        for name, t in inputs.items():
+            if name.endswith(SCALE_SUFFIX):
+                if name.removesuffix(SCALE_SUFFIX) not in reader:
+                    raise CheckpointError(f"{src / reader.weight_map[name]}: {name} has no weight to scale")
+                continue  # consumed by its weight
+            scale_name = name + SCALE_SUFFIX
+            # The scale may live in another shard: fetch it through the index.
+            scale = (
+                inputs.get(scale_name)
+                if scale_name in inputs
+                else reader.get(scale_name)
+                if scale_name in reader
+                else None
+            )
+            jobs.append((name, t, scale, str(src / reader.weight_map[name])))
+        results = pool.map(lambda j: convert_one(*j), jobs)
+        return {j[0]: r for j, r in zip(jobs, results, strict=True)}
+
+    new_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    new_config["torch_dtype"] = str(target).removeprefix("torch.")
+    if drop_mtp:
+        new_config["num_nextn_predict_layers"] = 0
+    return _run(src, dst, job, shard_fn, new_config, force, workers or os.cpu_count() or 1, keep)
+
+
+# ------------------------------------------------------------------------------------------ BF16 -> FP8
+def bf16_to_fp8(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    block_size: int = 128,
+    scale_fmt: str = "float",
+    workers: int | None = None,
+    force: bool = False,
+) -> ConvertReport:
+    if scale_fmt not in SCALE_FORMATS:
+        raise CheckpointError(f"--scale-fmt: choose from {', '.join(SCALE_FORMATS)}, got {scale_fmt!r}")
+    if block_size <= 0:
+        raise CheckpointError(f"--block-size: must be positive, got {block_size}")
+    src, dst = _resolve_src(src), Path(dst)
+    config = read_config(src)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method")
+        raise CheckpointError(
+            f"{src / 'config.json'}: already quantized ({method}); convert from BF16/FP16/FP32"
+        )
+    block = (block_size, block_size)
+    job = {"job": "bf16-to-fp8", "src": str(src.resolve()), "block_size": block_size, "scale_fmt": scale_fmt}
+
+    def convert_one(name: str, t: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
+        if not t.is_floating_point() or t.dtype == FP8_DTYPE:
+            raise CheckpointError(f"{where}: {name} has unexpected dtype {t.dtype} for a BF16 checkpoint")
+        if name.endswith(".weight") and t.dim() == 2 and is_fp8_linear(name.removesuffix(".weight")):
+            q, scale = blockwise_quant(t, block, scale_fmt)
+            return {name: q, name + SCALE_SUFFIX: scale}
+        return {name: t}
+
+    def shard_fn(inputs: dict[str, torch.Tensor], reader: CheckpointReader, pool) -> dict[str, torch.Tensor]:
+        jobs = [(n, t, str(src / reader.weight_map[n])) for n, t in inputs.items()]
+        out: dict[str, torch.Tensor] = {}
+        for part in pool.map(lambda j: convert_one(*j), jobs):
+            out.update(part)
+        return out
+
+    quant = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [block_size, block_size],
+    }
+    if scale_fmt == "ue8m0":
+        quant["scale_fmt"] = "ue8m0"
+    new_config = {**config, "quantization_config": quant, "torch_dtype": "bfloat16"}
+    return _run(src, dst, job, shard_fn, new_config, force, workers or os.cpu_count() or 1)
