@@ -82,10 +82,13 @@ def _prepare_destination(src: Path, dst: Path, job: dict, force: bool) -> bool:
     if src.resolve() == dst.resolve() or src.resolve() in dst.resolve().parents:
         raise CheckpointError(f"{dst}: the destination must not be the source folder or inside it")
     marker = dst / MARKER
+    if dst.exists():
+        # Half-written files of an interrupted run never count as output: ours end in .tmp, safetensors' own
+        # writer uses .tmpXXXXXX names.
+        for stale in [*dst.glob("*.tmp"), *dst.glob(".tmp*")]:
+            stale.unlink()
     if dst.exists() and any(dst.iterdir()):
         if marker.is_file() and json.loads(marker.read_text()) == job:
-            for stale in dst.glob("*.tmp"):
-                stale.unlink()  # a half-written file from the interrupted run
             return True
         if not force:
             raise CheckpointError(f"{dst}: exists and is not empty (use --force to overwrite)")
