@@ -90,6 +90,11 @@ class CheckpointReader:
             self._handles[shard] = handle
         return self._handles[shard]
 
+    def close(self) -> None:
+        # Tensors are views of the shards' memory maps: dropping the handles (and the tensors) unmaps them, so a
+        # streaming job's resident memory stays at about one shard.
+        self._handles.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -110,8 +115,9 @@ class CheckpointReader:
 
 
 class ShardWriter:
-    """Writes tensors into numbered shards of at most `max_shard_bytes`, then the index. Every file is written
-    under a temporary name and renamed when complete."""
+    """Writes tensors into numbered shards of at most `max_shard_bytes`, flushing each shard as soon as it is
+    full (memory stays at one shard), then the index. Shards are written under temporary names and renamed to
+    model-XXXXX-of-NNNNN.safetensors once their count is known."""
 
     def __init__(self, folder: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
         self.folder = Path(folder)
@@ -119,28 +125,33 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._shards: list[dict[str, torch.Tensor]] = []
+        self._flushed: list[tuple[Path, list[str]]] = []
+        self._total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._shards.append(self._pending)
-            self._pending, self._pending_bytes = {}, 0
+            self._flush()
         self._pending[name] = tensor.contiguous()
         self._pending_bytes += size
+        self._total += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"shard-{len(self._flushed) + 1:05d}.partial"
+        write_shard(path, self._pending)
+        self._flushed.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> dict:
         if self._pending:
-            self._shards.append(self._pending)
-        n = len(self._shards)
-        weight_map, total = {}, 0
-        for i, tensors in enumerate(self._shards, start=1):
+            self._flush()
+        n = len(self._flushed)
+        weight_map = {}
+        for i, (path, names) in enumerate(self._flushed, start=1):
             shard = f"model-{i:05d}-of-{n:05d}.safetensors"
-            write_shard(self.folder / shard, tensors)
-            for name, t in tensors.items():
-                weight_map[name] = shard
-                total += t.numel() * t.element_size()
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            os.replace(path, self.folder / shard)
+            weight_map.update(dict.fromkeys(names, shard))
+        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_json(self.folder / INDEX_NAME, index)
         return index
 

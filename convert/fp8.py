@@ -164,6 +164,7 @@ def _run(
                     report.shards_written += 1
                 header = {n: _tensor_bytes(t) for n, t in outputs.items()}
                 del outputs
+                reader.close()
             else:
                 header = {}
             for name, size in header.items():

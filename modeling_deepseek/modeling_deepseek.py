@@ -367,17 +367,29 @@ def _finish_fp8_load(model: nn.Module) -> None:
         return
     prefix = "" if hasattr(model, "lm_head") else "model."
     dtype = model.get_input_embeddings().weight.dtype
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, FP8Linear):
-            continue
+    if config.fp8_mode == "dequantize":
+        # transformers hands out zero-copy views of the mmap'd shards. Copy the few non-FP8 tensors out first, so
+        # that each shard's mapping (and its resident pages) goes away as soon as its last FP8 weight is replaced.
+        for module in model.modules():
+            if isinstance(module, FP8Linear):
+                continue
+            for key, p in module._parameters.items():
+                if p is not None and not p.untyped_storage().resizable():
+                    module._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            for key, b in module._buffers.items():
+                if b is not None and not b.untyped_storage().resizable():
+                    module._buffers[key] = b.clone()
+    # By name, not over a list of modules: that list would keep every replaced FP8Linear (and its mapping) alive.
+    for name in [n for n, m in model.named_modules() if isinstance(m, FP8Linear)]:
+        module = model.get_submodule(name)
         check_scale(prefix + name + ".weight", module.weight, module.weight_scale_inv, module.block)
         if config.fp8_mode == "dequantize":
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.to_linear(dtype))
+        del module
     if config.fp8_mode == "dequantize":
-        config.fp8_quantization_config = (
-            None  # the model in memory is no longer quantized; saving writes plain
-        )
+        # The model in memory is no longer quantized; saving it writes a plain checkpoint.
+        config.fp8_quantization_config = None
 
 
 def _check_loading_info(source, model: nn.Module, info: dict) -> None:

@@ -1,0 +1,246 @@
+"""FP8 -> BF16 on CPU: our converter vs the I/O bound and the naive torch formula, measured in one run.
+
+    .venv/bin/python benchmarks/fp8_convert.py [--workdir DIR] [--gb 1.5]
+
+Builds an FP8 checkpoint with real DeepSeek-V3 tensor shapes (experts [2048, 7168], kv_a_proj_with_mqa
+[576, 7168] with its partial scale block, ...) in ~400 MB shards, then measures, each in a fresh process:
+  ours      dsv3's fp8_to_bf16 end to end (read, dequantize, write shards + index)
+  io-bound  the same shards read and the same output bytes written, no compute
+  naive     the same end to end job with `(q.to(float32) * expanded_scale).to(bfloat16)`
+plus the dequant kernels alone (Gelem/s), the converter's peak RSS against 3 x largest shard + 1 GiB, and for
+model loading: peak RSS / final model bytes and kept-FP8 memory / BF16 memory.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from convert.checkpoint import ShardWriter, atomic_write_json  # noqa: E402
+from modeling_deepseek.fp8 import blockwise_dequant, blockwise_dequant_reference, blockwise_quant  # noqa: E402
+
+SHAPES = {  # a slice of one real MoE layer
+    "self_attn.kv_a_proj_with_mqa.weight": (576, 7168),
+    "self_attn.q_a_proj.weight": (1536, 7168),
+    "self_attn.o_proj.weight": (7168, 16384),
+}
+EXPERT = {"gate_proj.weight": (2048, 7168), "up_proj.weight": (2048, 7168), "down_proj.weight": (7168, 2048)}
+
+
+def build_source(folder: Path, gigabytes: float) -> tuple[int, int]:
+    writer = ShardWriter(folder, max_shard_bytes=400 * 2**20)
+    gen = torch.Generator().manual_seed(0)
+    template = {}  # quantize a few distinct matrices once, reuse their bytes (building is not what we measure)
+    for name, shape in {**SHAPES, **{f"e.{k}": v for k, v in EXPERT.items()}}.items():
+        w = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        template[name] = blockwise_quant(w)
+    total, layer = 0, 3
+    while total < gigabytes * 1e9:
+        p = f"model.layers.{layer}."
+        for name in SHAPES:
+            q, s = template[name]
+            writer.add(p + name, q.clone()), writer.add(p + name + "_scale_inv", s.clone())
+            total += q.numel()
+        for e in range(32):
+            for name in EXPERT:
+                q, s = template[f"e.{name}"]
+                writer.add(f"{p}mlp.experts.{e}.{name}", q.clone())
+                writer.add(f"{p}mlp.experts.{e}.{name}_scale_inv", s.clone())
+                total += q.numel()
+        layer += 1
+    writer.close()
+    atomic_write_json(
+        folder / "config.json",
+        {
+            "model_type": "deepseek_v3",
+            "num_hidden_layers": 61,
+            "torch_dtype": "bfloat16",
+            "quantization_config": {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128],
+            },
+        },
+    )
+    largest = max(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return total, largest
+
+
+CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+mode, src, dst = sys.argv[2:5]
+t0 = time.perf_counter()
+if mode == "ours":
+    from convert.fp8 import fp8_to_bf16
+    fp8_to_bf16(src, dst)
+else:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from pathlib import Path
+    index = json.loads((Path(src) / "model.safetensors.index.json").read_text())["weight_map"]
+    Path(dst).mkdir()
+    for shard in sorted(set(index.values())):
+        out = {}
+        with safe_open(Path(src) / shard, "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if name.endswith("_scale_inv"):
+                    continue
+                if mode == "io":  # same output bytes, no arithmetic
+                    out[name] = torch.empty(t.shape, dtype=torch.bfloat16)
+                else:
+                    s = index[name + "_scale_inv"]
+                    with safe_open(Path(src) / s, "pt") as g:
+                        scale = g.get_tensor(name + "_scale_inv")
+                    full = scale.repeat_interleave(128, 0)[: t.shape[0]].repeat_interleave(128, 1)[:, : t.shape[1]]
+                    out[name] = (t.to(torch.float32) * full).to(torch.bfloat16)
+        save_file(out, str(Path(dst) / shard), metadata={"format": "pt"})
+print(json.dumps({"seconds": time.perf_counter() - t0,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+LOAD_CHILD = r"""
+import json, sys, threading, time, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoModelForCausalLM
+import modeling_deepseek.modeling_deepseek  # noqa: import cost outside the measurement
+
+def rss():  # (resident total, resident anonymous) in bytes; the rest is file-backed (mmap'd shards)
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "RssAnon")))
+    return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon"))
+
+base, peak, done = rss(), [0, 0], []
+def sample():  # resident set sampled every 2 ms while loading
+    while not done:
+        now = rss()
+        peak[0], peak[1] = max(peak[0], now[0]), max(peak[1], now[1])
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+kw = {"fp8_mode": "keep"} if sys.argv[3] == "keep" else {}
+m = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True, dtype=torch.bfloat16, **kw)
+done.append(1)
+time.sleep(0.01)
+model_bytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+now = rss()
+print(json.dumps({"model_bytes": model_bytes, "peak_over_base": max(peak[0], now[0]) - base[0],
+                  "anon_peak_over_base": max(peak[1], now[1]) - base[1], "final_over_base": now[0] - base[0]}))
+"""
+
+
+def child(code: str, *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), *args],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_DISABLE_PROGRESS_BARS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def kernel_rates() -> tuple[float, float]:
+    q, s = blockwise_quant(torch.randn(7168, 2048) * 0.02)
+    rates = []
+    for fn in (blockwise_dequant, blockwise_dequant_reference):
+        fn(q, s)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn(q, s)
+        rates.append(3 * q.numel() / (time.perf_counter() - t0) / 1e9)
+    return rates[0], rates[1]
+
+
+def load_memory(work: Path) -> tuple[dict, dict]:
+    from convert.tiny import tiny_config, write_official_layout
+    from modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
+
+    cfg = tiny_config("v3")
+    cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_hidden_layers = 1024, 512, 48, 8
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg)
+    write_official_layout(model, work / "load-src", fp8=True, max_shard_bytes=200 * 2**20)
+    del model
+    return child(LOAD_CHILD, str(work / "load-src"), "dequantize"), child(
+        LOAD_CHILD, str(work / "load-src"), "keep"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--gb", type=float, default=1.5, help="FP8 elements to convert, in billions")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv3-bench-"))
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        elems, largest = build_source(work / "src", args.gb)
+        runs = {
+            mode: child(CHILD, mode, str(work / "src"), str(work / f"out-{mode}"))
+            for mode in ("io", "ours", "naive")
+        }
+        ours_k, naive_k = kernel_rates()
+        dq, keep = load_memory(work)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    out_mb = 2 * elems / 1e6
+
+    def row(name, r):
+        return f"| {name} | {r['seconds']:.2f} | {elems / r['seconds'] / 1e9:.3f} | {out_mb / r['seconds']:.0f} |"
+
+    io, ours, naive = runs["io"]["seconds"], runs["ours"]["seconds"], runs["naive"]["seconds"]
+    budget = 3 * largest + 2**30
+    print(
+        f"FP8 -> BF16, {elems / 1e9:.2f} G FP8 elements, largest shard {largest / 2**20:.0f} MiB, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print("| job | seconds | input Gelem/s | output MB/s |\n|---|---|---|---|")
+    print(row("ours (dsv3 convert fp8-to-bf16)", runs["ours"]))
+    print(row("I/O bound (same bytes, no compute)", runs["io"]))
+    print(row("naive torch formula, end to end", runs["naive"]))
+    print("\n| ratio | value | target |\n|---|---|---|")
+    print(f"| ours / I/O bound (throughput) | {io / ours:.2f} | >= 0.8 |")
+    print(f"| ours / naive, end to end | {naive / ours:.2f} | |")
+    print(
+        f"| dequant kernel: ours {ours_k:.2f} vs naive {naive_k:.2f} Gelem/s | {ours_k / naive_k:.2f} | >= 5 |"
+    )
+    print(
+        f"| converter peak RSS / (3 x largest shard + 1 GiB) | "
+        f"{runs['ours']['peak_rss'] / budget:.2f} ({runs['ours']['peak_rss'] / 2**20:.0f} MiB) | <= 1 |"
+    )
+    print(
+        f"| load (dequantize to bf16): peak RSS growth / final model bytes | "
+        f"{dq['peak_over_base'] / dq['model_bytes']:.2f} | <= 1.3 |"
+    )
+    print(
+        f"| load (dequantize to bf16): peak anonymous RSS growth / final model bytes | "
+        f"{dq['anon_peak_over_base'] / dq['model_bytes']:.2f} | |"
+    )
+    print(
+        f"| load (dequantize to bf16): resident growth after load / final model bytes | "
+        f"{dq['final_over_base'] / dq['model_bytes']:.2f} | |"
+    )
+    print(
+        f"| kept-FP8 model bytes / BF16 model bytes | {keep['model_bytes'] / dq['model_bytes']:.2f} | ~0.5 |"
+    )
+    print(
+        f"| kept-FP8 load: peak RSS growth / BF16 model bytes | "
+        f"{keep['peak_over_base'] / dq['model_bytes']:.2f} | |"
+    )
+
+
+if __name__ == "__main__":
+    main()
