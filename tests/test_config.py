@@ -19,7 +19,10 @@ def test_accepts_the_real_config_with_optional_fields_and_quantization():
         "mscale": 1.0,
         "mscale_all_dim": 1.0,
     }
-    assert cfg.quantization_config["weight_block_size"] == [128, 128]
+    # FP8 is handled by our loader, hidden from transformers' own quantizer, and written back on save.
+    assert cfg.fp8_quantization_config["weight_block_size"] == [128, 128]
+    assert not hasattr(cfg, "quantization_config")
+    assert cfg.to_dict()["quantization_config"] == REAL_V3_CONFIG["quantization_config"]
     assert (cfg.aux_loss_alpha, cfg.seq_aux, cfg.pretraining_tp, cfg.ep_size) == (0.001, True, 1, 1)
     assert list(cfg.mtp_layer_indices) == [61]
     assert [cfg.is_moe_layer(i) for i in (0, 2, 3, 61)] == [False, False, True, True]

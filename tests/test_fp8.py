@@ -234,28 +234,37 @@ def test_refuses_non_empty_destination_and_never_modifies_the_source(fp8_ckpt, t
 CONVERT = "import sys; from convert.fp8 import fp8_to_bf16; fp8_to_bf16(sys.argv[1], sys.argv[2], workers=1)"
 
 
+def _kill_when(proc, dst, shards: int, timeout: float = 60.0) -> None:
+    # Kill -9 once `shards` output shards exist (0: as soon as the job marker appears).
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        done = len(list(dst.glob("model-*.safetensors"))) if dst.exists() else 0
+        if (dst / ".dsv3-job.json").exists() and done >= shards:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_killing_the_converter_and_rerunning_gives_byte_identical_output(tmp_path):
     src = tmp_path / "src"
     write_official_layout(random_tiny_model("v3", seed=3), src, fp8=True, max_shard_bytes=32 * 1024)
+    n_shards = len(list(src.glob("model-*.safetensors")))
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     run = [sys.executable, "-c", CONVERT, str(src)]
-    t0 = time.perf_counter()
     subprocess.run([*run, str(tmp_path / "clean")], check=True, env=env)
-    duration = time.perf_counter() - t0
     expect = _digest(tmp_path / "clean")
-    mid_job = 0
-    for i, frac in enumerate((0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)):
+    interrupted = 0
+    for i, at in enumerate((0, 1, n_shards // 4, n_shards // 2, n_shards - 2)):
         dst = tmp_path / f"killed{i}"
-        proc = subprocess.Popen([*run, str(dst)], env=env)
-        time.sleep(duration * frac)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        mid_job += (dst / ".dsv3-job.json").exists() and any(dst.glob("model-*.safetensors"))
-        if (dst / ".dsv3-job.json").exists() or not (dst / "model.safetensors.index.json").exists():
-            subprocess.run([*run, str(dst)], check=True, env=env)  # resume (or start over)
-        # else: it had already finished; a finished folder is refused on re-run, by design
+        _kill_when(subprocess.Popen([*run, str(dst)], env=env), dst, at)
+        if (dst / ".dsv3-job.json").exists():
+            interrupted += 1
+            _kill_when(subprocess.Popen([*run, str(dst)], env=env), dst, at + 2)  # and again while resuming
+        if not (dst / "model.safetensors.index.json").exists() or (dst / ".dsv3-job.json").exists():
+            subprocess.run([*run, str(dst)], check=True, env=env)  # resume until done
         assert _digest(dst) == expect
-    assert mid_job >= 2  # the kills really interrupted conversions that had written some shards
+    assert interrupted >= 4  # the kills really landed inside running conversions
 
 
 def _corrupt(folder, fn):

@@ -61,7 +61,7 @@ def real_inventory() -> dict[str, tuple[int, ...]]:
 
 
 def test_real_config_state_dict_is_exactly_the_official_inventory():
-    config = DeepseekV3Config(**real_config_kwargs())
+    config = DeepseekV3Config(**real_config_kwargs(quantization_config=None))
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     got = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -80,3 +80,19 @@ def test_real_config_state_dict_is_exactly_the_official_inventory():
     assert scales == 41_540_496 and n_params + scales == 684_531_386_000
     # kv_a_proj_with_mqa is 4.5 blocks tall: its scale has 5 rows, the last block partial.
     assert math.ceil(576 / 128) == 5
+
+
+def test_real_fp8_config_state_dict_is_the_full_91991_tensor_inventory_with_scales():
+    config = DeepseekV3Config(**real_config_kwargs())  # with the FP8 quantization_config, as downloaded
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    sd = model.state_dict()
+    want = real_inventory()
+    fp8 = [n for n in want if len(want[n]) == 2 and not any(u in n for u in UNQUANTIZED)]
+    want.update({n + "_scale_inv": (math.ceil(want[n][0] / 128), math.ceil(want[n][1] / 128)) for n in fp8})
+    assert len(sd) == len(want) == 91_991
+    assert {n: tuple(t.shape) for n, t in sd.items()} == want
+    assert sd["model.layers.61.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (5, 56)
+    assert sd["model.layers.5.mlp.experts.7.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert sd["model.layers.61.eh_proj.weight"].dtype != torch.float8_e4m3fn
+    assert sum(t.numel() for t in sd.values()) == 684_531_386_000
