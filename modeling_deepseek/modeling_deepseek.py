@@ -223,6 +223,8 @@ class DeepseekV3TopkRouter(nn.Module):
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # Tokens routed to each expert since the last reset (observability and the bias update); not saved.
+        self.register_buffer("expert_load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x_MD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         M = x_MD.shape[0]
@@ -237,6 +239,8 @@ class DeepseekV3TopkRouter(nn.Module):
             keep_MG.scatter_(1, group_MG.topk(self.topk_group, dim=-1).indices, True)
             choice_ME = choice_MGe.masked_fill(~keep_MG[..., None], float("-inf")).view(M, -1)
         idx_MK = choice_ME.topk(self.top_k, dim=-1).indices
+        with torch.no_grad():
+            self.expert_load += torch.bincount(idx_MK.flatten(), minlength=self.n_experts)
         weight_MK = scores_ME.gather(1, idx_MK)  # unbiased scores
         if self.norm_topk_prob:
             weight_MK = weight_MK / (weight_MK.sum(-1, keepdim=True) + 1e-20)
@@ -248,6 +252,8 @@ class DeepseekV3MoE(nn.Module):
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
         self.gate = DeepseekV3TopkRouter(config)
+        self.seq_aux, self.aux_loss_alpha = config.seq_aux, config.aux_loss_alpha
+        self.aux_loss: torch.Tensor | None = None
         self.experts = nn.ModuleList(
             DeepseekV3MLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
         )
@@ -274,9 +280,26 @@ class DeepseekV3MoE(nn.Module):
         y_MD = torch.zeros(M, x_MD.shape[-1], dtype=torch.float32, device=x_MD.device)
         return y_MD.index_add(0, token_of, y_sorted).to(x_MD.dtype)
 
+    def _sequence_aux_loss(self, scores_ME: torch.Tensor, idx_MK: torch.Tensor, B: int) -> torch.Tensor:
+        # DeepSeek-V3's complementary sequence-wise balance loss: per sequence, alpha * sum_e f_e * P_e with
+        # f_e = E / (K * S) * (tokens routed to e) and P_e = mean over tokens of the normalised affinity s / sum(s).
+        E, K = scores_ME.shape[-1], idx_MK.shape[-1]
+        scores_BSE = scores_ME.view(B, -1, E)
+        S = scores_BSE.shape[1]
+        routed_BE = torch.zeros(B, E, device=scores_ME.device).scatter_add_(
+            1, idx_MK.view(B, S * K), torch.ones(B, S * K, device=scores_ME.device)
+        )
+        f_BE = routed_BE * E / (K * S)
+        p_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
+        return self.aux_loss_alpha * (f_BE * p_BE).sum(-1).mean()
+
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_MD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        idx_MK, weight_MK, _ = self.gate(x_MD)
+        idx_MK, weight_MK, scores_ME = self.gate(x_MD)
+        # Only while training, when the config asks for it (seq_aux with aux_loss_alpha > 0); read by the CausalLM.
+        self.aux_loss = None
+        if self.training and self.seq_aux and self.aux_loss_alpha > 0:
+            self.aux_loss = self._sequence_aux_loss(scores_ME, idx_MK, x_BSD.shape[0])
         y_MD = self._dispatch(x_MD, idx_MK, weight_MK)
         if self.shared_experts is not None:
             y_MD = y_MD + self.shared_experts(x_MD)
@@ -450,6 +473,34 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         config.auto_map = dict(AUTO_MAP)
 
+    # ---- expert load and auxiliary-loss-free balancing (DeepSeek-V3 report, section 2.1.2) ----
+    def routers(self) -> dict[int, "DeepseekV3TopkRouter"]:
+        """The router of every MoE layer (MTP layers included), by layer index."""
+        return {
+            int(name.split("layers.")[1].split(".")[0]): module
+            for name, module in self.named_modules()
+            if isinstance(module, DeepseekV3TopkRouter)
+        }
+
+    def expert_load(self) -> dict[int, torch.Tensor]:
+        """Tokens routed to each expert, per layer, since the last reset (counts, shape (E,))."""
+        return {i: r.expert_load.clone() for i, r in self.routers().items()}
+
+    def reset_expert_load(self) -> None:
+        for router in self.routers().values():
+            router.expert_load.zero_()
+
+    @torch.no_grad()
+    def update_expert_bias(self, gamma: float = 0.001) -> None:
+        """Call after each optimizer step: bias_e += gamma * sign(mean_load - load_e) in every MoE layer, from
+        the loads counted since the previous call (then reset). Overloaded experts become less likely to be
+        selected; the routing weights never see the bias."""
+        for router in self.routers().values():
+            load = router.expert_load.float()
+            if load.sum() > 0:
+                router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+            router.expert_load.zero_()
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         # transformers only warns about missing weights and initialises them randomly; for a checkpoint that is
@@ -484,6 +535,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         elif isinstance(module, DeepseekV3TopkRouter):
             _init_tensor(module.weight, "normal", std)
             _init_tensor(module.e_score_correction_bias, "zeros")
+            module.expert_load.zero_()  # non-persistent: never loaded
         elif isinstance(module, DeepseekV3RotaryEmbedding):
             inv_freq, _ = rope_inv_freq(self.config.rope_parameters, self.config.qk_rope_head_dim)
             module.inv_freq.copy_(inv_freq)  # non-persistent: rebuilt after meta-device init
@@ -631,6 +683,7 @@ class DeepseekV3CausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     lm_loss: torch.FloatTensor | None = None
     mtp_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
     mtp_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -658,6 +711,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
+    def _moe_blocks(self) -> list[DeepseekV3MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, DeepseekV3MoE)]
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -681,7 +737,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> DeepseekV3CausalLMOutputWithPast:
         """With `labels`: loss = lm_loss + mtp_loss_weight * mtp_loss (weight from the argument, else
-        config.mtp_loss_weight; mtp_loss is the mean over MTP depths). `lm_loss` alone is the perplexity loss."""
+        config.mtp_loss_weight; mtp_loss is the mean over MTP depths) + aux_loss (training only, when the config
+        has seq_aux and aux_loss_alpha > 0). `lm_loss` alone is the perplexity loss."""
+        if self.training:
+            for moe in self._moe_blocks():
+                moe.aux_loss = None  # only layers that run in this forward contribute
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -709,6 +769,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 mtp_loss = torch.stack(per_depth).mean()
                 weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
                 loss = lm_loss + weight * mtp_loss
+        aux_loss = None
+        if self.training:
+            terms = [moe.aux_loss for moe in self._moe_blocks() if moe.aux_loss is not None]
+            if terms:
+                aux_loss = torch.stack(terms).sum()
+                loss = loss + aux_loss if loss is not None else None
         return DeepseekV3CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -716,6 +782,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             lm_loss=lm_loss,
             mtp_loss=mtp_loss,
+            aux_loss=aux_loss,
             mtp_logits=tuple(mtp_logits) if mtp_logits is not None else None,
         )
 
