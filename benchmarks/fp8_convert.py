@@ -5,8 +5,9 @@
 Builds an FP8 checkpoint with real DeepSeek-V3 tensor shapes (experts [2048, 7168], kv_a_proj_with_mqa
 [576, 7168] with its partial scale block, ...) in ~400 MB shards, then measures, each in a fresh process:
   ours      dsv3's fp8_to_bf16 end to end (read, dequantize, write shards + index)
-  io-bound  the same shards read and the same output bytes written, no compute
-  naive     the same end to end job with `(q.to(float32) * expanded_scale).to(bfloat16)`
+  io-bound  the same shard bytes read (copied once) and the same output bytes written through the same
+            streaming writer, no arithmetic
+  naive     the same job with `(q.to(float32) * expanded_scale).to(bfloat16)` as the arithmetic
 plus the dequant kernels alone (Gelem/s), the converter's peak RSS against 3 x largest shard + 1 GiB, and for
 model loading: peak RSS / final model bytes and kept-FP8 memory / BF16 memory.
 """
@@ -77,37 +78,43 @@ def build_source(folder: Path, gigabytes: float) -> tuple[int, int]:
 
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+from functools import partial
 sys.path.insert(0, sys.argv[1])
 mode, src, dst = sys.argv[2:5]
 t0 = time.perf_counter()
 if mode == "ours":
     from convert.fp8 import fp8_to_bf16
     fp8_to_bf16(src, dst)
-else:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+else:  # the same reads and the same streaming writer; only the arithmetic differs
     from pathlib import Path
-    index = json.loads((Path(src) / "model.safetensors.index.json").read_text())["weight_map"]
+    from convert.checkpoint import CheckpointReader, PlannedTensor, write_shard_streaming
+
+    scratch = torch.zeros(8192 * 16384, dtype=torch.bfloat16)  # reused, already faulted in: a tight bound
+
+    def no_compute(t, buf):
+        t.view(torch.uint8).clone()  # read every input byte
+        return scratch[: t.numel()].view(t.shape)
+
+    def naive(t, scale, buf):
+        full = scale.repeat_interleave(128, 0)[: t.shape[0]].repeat_interleave(128, 1)[:, : t.shape[1]]
+        return (t.to(torch.float32) * full).to(torch.bfloat16)
+
+    reader = CheckpointReader(src)
     Path(dst).mkdir()
-    for shard in sorted(set(index.values())):
-        out = {}
-        with safe_open(Path(src) / shard, "pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if name.endswith("_scale_inv"):
-                    continue
-                if mode == "io":  # same output bytes, no arithmetic
-                    out[name] = torch.empty(t.shape, dtype=torch.bfloat16)
-                else:
-                    s = index[name + "_scale_inv"]
-                    with safe_open(Path(src) / s, "pt") as g:
-                        scale = g.get_tensor(name + "_scale_inv")
-                    full = scale.repeat_interleave(128, 0)[: t.shape[0]].repeat_interleave(128, 1)[:, : t.shape[1]]
-                    out[name] = (t.to(torch.float32) * full).to(torch.bfloat16)
-        save_file(out, str(Path(dst) / shard), metadata={"format": "pt"})
-print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    for shard in reader.shards:
+        plan = []
+        for name in reader.names_in(shard):
+            if name.endswith("_scale_inv"):
+                continue
+            t = reader.get(name)
+            make = partial(no_compute, t) if mode == "io" else partial(naive, t, reader.get(name + "_scale_inv"))
+            plan.append(PlannedTensor(name, tuple(t.shape), torch.bfloat16, make))
+        write_shard_streaming(Path(dst) / shard, plan)
+        reader.close()
+# VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited across exec)
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": hwm}))
 """
 
 LOAD_CHILD = r"""
@@ -154,11 +161,12 @@ def kernel_rates() -> tuple[float, float]:
     q, s = blockwise_quant(torch.randn(7168, 2048) * 0.02)
     rates = []
     for fn in (blockwise_dequant, blockwise_dequant_reference):
-        fn(q, s)
-        t0 = time.perf_counter()
-        for _ in range(3):
+        best = float("inf")
+        for _ in range(5):  # best of 5: the machine is shared and noisy
+            t0 = time.perf_counter()
             fn(q, s)
-        rates.append(3 * q.numel() / (time.perf_counter() - t0) / 1e9)
+            best = min(best, time.perf_counter() - t0)
+        rates.append(q.numel() / best / 1e9)
     return rates[0], rates[1]
 
 
@@ -181,16 +189,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--gb", type=float, default=1.5, help="FP8 elements to convert, in billions")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per job (best time kept)")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv3-bench-"))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         elems, largest = build_source(work / "src", args.gb)
-        runs = {
-            mode: child(CHILD, mode, str(work / "src"), str(work / f"out-{mode}"))
-            for mode in ("io", "ours", "naive")
-        }
+        # Disk timings here vary by +-30% from run to run: interleave repeats, keep each job's best time
+        # (and its worst peak RSS).
+        runs: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for mode in ("io", "ours", "naive"):
+                shutil.rmtree(work / f"out-{mode}", ignore_errors=True)
+                r = child(CHILD, mode, str(work / "src"), str(work / f"out-{mode}"))
+                best = runs.get(mode, r)
+                runs[mode] = {
+                    "seconds": min(r["seconds"], best["seconds"]),
+                    "peak_rss": max(r["peak_rss"], best["peak_rss"]),
+                }
         ours_k, naive_k = kernel_rates()
         dq, keep = load_memory(work)
     finally:
@@ -205,7 +222,7 @@ def main() -> None:
     budget = 3 * largest + 2**30
     print(
         f"FP8 -> BF16, {elems / 1e9:.2f} G FP8 elements, largest shard {largest / 2**20:.0f} MiB, "
-        f"{torch.get_num_threads()} threads\n"
+        f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved runs per job\n"
     )
     print("| job | seconds | input Gelem/s | output MB/s |\n|---|---|---|---|")
     print(row("ours (dsv3 convert fp8-to-bf16)", runs["ours"]))

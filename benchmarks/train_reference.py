@@ -36,12 +36,36 @@ SEQ = 128
 RECIPE_VERSION = 1  # bump when the recipe changes, so cached models are rebuilt
 
 CONFIG = dict(
-    vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-    num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
-    n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=32,
-    v_head_dim=32, qk_nope_head_dim=32, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
-    max_position_embeddings=2048, rope_theta=10000.0, rope_scaling=None, bos_token_id=0, eos_token_id=1,
-    pad_token_id=2, initializer_range=0.02, aux_loss_alpha=0.0, seq_aux=False, mtp_loss_weight=0.3,
+    vocab_size=VOCAB,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_nextn_predict_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=16,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=64,
+    q_lora_rank=128,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+    qk_nope_head_dim=32,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=4,
+    first_k_dense_replace=1,
+    max_position_embeddings=2048,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+    initializer_range=0.02,
+    aux_loss_alpha=0.0,
+    seq_aux=False,
+    mtp_loss_weight=0.3,
 )
 
 
@@ -65,11 +89,16 @@ def train_tokenizer(texts: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[BOS, EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=[BOS, EOS, PAD],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   model_max_length=2048)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=2048
+    )
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:
@@ -96,12 +125,17 @@ def _untie(model: DeepseekV3ForCausalLM) -> None:
     mtp.shared_head.head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
 
 
-def train(train_ids: torch.Tensor, steps: int, batch: int, gamma: float, seed: int, log) -> DeepseekV3ForCausalLM:
+def train(
+    train_ids: torch.Tensor, steps: int, batch: int, gamma: float, seed: int, log
+) -> DeepseekV3ForCausalLM:
     model = build_model(seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        ),
     )
     gen = torch.Generator().manual_seed(seed)  # same batches for both runs
     t0 = time.perf_counter()
@@ -119,8 +153,10 @@ def train(train_ids: torch.Tensor, steps: int, batch: int, gamma: float, seed: i
         else:
             model.reset_expert_load()
         if step % 100 == 0 or step == steps - 1:
-            log(f"  step {step:5d}  lm {out.lm_loss.item():.3f}  mtp {out.mtp_loss.item():.3f}  "
-                f"{(time.perf_counter() - t0) / (step + 1):.2f}s/step")
+            log(
+                f"  step {step:5d}  lm {out.lm_loss.item():.3f}  mtp {out.mtp_loss.item():.3f}  "
+                f"{(time.perf_counter() - t0) / (step + 1):.2f}s/step"
+            )
     _untie(model)
     return model.eval()
 
@@ -140,8 +176,11 @@ def evaluate(model: DeepseekV3ForCausalLM, test_ids: torch.Tensor, max_tokens: i
         pred = out.mtp_logits[0][:, :-1].argmax(-1)  # MTP at position i predicts token i + 2
         mtp_hits += (pred == ids[:, 2:]).sum().item()
         mtp_total += ids[:, 2:].numel()
-    return {"ppl": math.exp(nll / count), "mtp_acc": mtp_hits / mtp_total,
-            "load_imbalance": load_imbalance(model.expert_load())}
+    return {
+        "ppl": math.exp(nll / count),
+        "mtp_acc": mtp_hits / mtp_total,
+        "load_imbalance": load_imbalance(model.expert_load()),
+    }
 
 
 def unigram_ppl(train_ids: torch.Tensor, test_ids: torch.Tensor) -> tuple[float, float]:
@@ -167,8 +206,10 @@ def run(steps: int, batch: int, log=print) -> dict:
     train_text = "\n".join(_read(n) for n in TRAIN_FILES)
     tokenizer = train_tokenizer([train_text])
     train_ids, test_ids = encode(tokenizer, train_text), encode(tokenizer, _read(TEST_FILE))
-    log(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; train {len(train_ids):,} tokens, "
-        f"held-out wikitext-2 test {len(test_ids):,} tokens")
+    log(
+        f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; train {len(train_ids):,} tokens, "
+        f"held-out wikitext-2 test {len(test_ids):,} tokens"
+    )
     results = {}
     for name, gamma in (("bias update on (gamma 0.001)", 0.001), ("bias update off", 0.0)):
         log(f"training, {name}: {steps} steps x {batch} x {SEQ} tokens")
@@ -185,13 +226,21 @@ def run(steps: int, batch: int, log=print) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"\nreference model: {n_params:,} parameters, trained in {(time.perf_counter() - t0) / 60:.1f} min\n")
     log("| metric (held-out wikitext-2 test) | reference model | baseline | ratio |\n|---|---|---|---|")
-    log(f"| perplexity vs unigram (same tokenizer) | {on['ppl']:.1f} | {uni_ppl:.1f} | {on['ppl'] / uni_ppl:.2f} |")
-    log(f"| MTP head top-1 on token t+2 vs chance 1/V | {on['mtp_acc']:.3f} | {1 / len(tokenizer):.5f} | "
-        f"{on['mtp_acc'] * len(tokenizer):.0f}x |")
-    log(f"| MTP head top-1 vs most frequent token | {on['mtp_acc']:.3f} | {top_freq:.3f} | "
-        f"{on['mtp_acc'] / top_freq:.2f}x |")
-    log(f"| expert load max/mean, bias update on vs off | {on['load_imbalance']:.2f} | "
-        f"{off['load_imbalance']:.2f} | {on['load_imbalance'] / off['load_imbalance']:.2f} |")
+    log(
+        f"| perplexity vs unigram (same tokenizer) | {on['ppl']:.1f} | {uni_ppl:.1f} | {on['ppl'] / uni_ppl:.2f} |"
+    )
+    log(
+        f"| MTP head top-1 on token t+2 vs chance 1/V | {on['mtp_acc']:.3f} | {1 / len(tokenizer):.5f} | "
+        f"{on['mtp_acc'] * len(tokenizer):.0f}x |"
+    )
+    log(
+        f"| MTP head top-1 vs most frequent token | {on['mtp_acc']:.3f} | {top_freq:.3f} | "
+        f"{on['mtp_acc'] / top_freq:.2f}x |"
+    )
+    log(
+        f"| expert load max/mean, bias update on vs off | {on['load_imbalance']:.2f} | "
+        f"{off['load_imbalance']:.2f} | {on['load_imbalance'] / off['load_imbalance']:.2f} |"
+    )
     log(f"| perplexity, bias update off (same data, same init) | {off['ppl']:.1f} | | |")
     return {"with_bias_update": on, "without_bias_update": off, "unigram_ppl": uni_ppl, "top_freq": top_freq}
 

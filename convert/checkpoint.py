@@ -1,9 +1,13 @@
 """Checkpoint folders: read tensors through the index, write shards atomically, copy the side files."""
 
+import errno
 import json
 import os
+import queue
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -160,6 +164,111 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
+
+
+RING_MAX_BYTES = 512 * 2**20  # larger tensors (embeddings, lm_head) get a buffer of their own
+SAFETENSORS_DTYPES = {
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass
+class PlannedTensor:
+    """An output tensor whose name, shape and dtype are known before its data is computed. `make(out)` computes
+    it, into `out` (a reusable buffer of the planned shape and dtype) when it can, or returns a tensor of its own."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty(0, dtype=self.dtype).element_size()
+
+
+def write_shard_streaming(path: Path, planned: list[PlannedTensor]) -> dict[str, int]:
+    """Write a safetensors file without holding it in memory: the header first (every shape is planned), then
+    each tensor's bytes as soon as it is computed, by a writer thread while the next tensor computes. Written
+    under a temporary name and renamed when complete. Returns name -> bytes."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in planned:
+        header[t.name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format allows trailing spaces; keeps the data 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    pending: queue.Queue = queue.Queue(maxsize=2)  # at most two computed tensors wait for the disk
+    failure: list[BaseException] = []
+    # Output buffers are reused round-robin: fresh allocations would pay a page fault per 4 KiB on first touch.
+    # Four slots: two queued, one being written, one being computed.
+    ring: list[torch.Tensor | None] = [None] * 4
+
+    def buffer(i: int, t: PlannedTensor) -> torch.Tensor:
+        if t.nbytes > RING_MAX_BYTES:
+            return torch.empty(t.shape, dtype=t.dtype)
+        slot = ring[i % len(ring)]
+        if slot is None or slot.numel() < t.nbytes:
+            slot = ring[i % len(ring)] = torch.empty(t.nbytes, dtype=torch.uint8)
+        return slot[: t.nbytes].view(t.dtype).view(t.shape)
+
+    def writer(f) -> None:
+        while (chunk := pending.get()) is not None:
+            if not failure:
+                try:
+                    f.write(chunk)
+                except BaseException as err:  # reported by the main thread
+                    failure.append(err)
+
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            thread = threading.Thread(target=writer, args=(f,), daemon=True)
+            thread.start()
+            try:
+                for i, t in enumerate(planned):
+                    data = t.make(buffer(i, t))
+                    if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
+                        raise CheckpointError(
+                            f"{path}: {t.name} came out {data.dtype} {list(data.shape)}, "
+                            f"planned {t.dtype} {list(t.shape)}"
+                        )
+                    pending.put(memoryview(data.contiguous().view(torch.uint8).flatten().numpy()))
+                    if failure:
+                        break
+            finally:
+                pending.put(None)
+                thread.join()
+            if failure:
+                raise failure[0]
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise CheckpointError(f"{path}: no space left on the device") from None
+        raise CheckpointError(f"{path}: cannot write ({err.strerror or err})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {t.name: t.nbytes for t in planned}
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

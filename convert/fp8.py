@@ -6,14 +6,13 @@ kill -9) skips finished shards and produces byte-identical output. The index, co
 remote code are written last; the marker is removed when the job is complete.
 """
 
-import errno
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,26 +26,30 @@ from modeling_deepseek.fp8 import (
     blockwise_quant,
     check_scale,
     is_fp8_linear,
+    scale_shape,
 )
 
 from .checkpoint import (
     INDEX_NAME,
     CheckpointError,
     CheckpointReader,
+    PlannedTensor,
     atomic_write_json,
     copy_remote_code,
     copy_side_files,
     read_config,
     resolve_model_path,
     with_auto_map,
-    write_shard,
+    write_shard_streaming,
 )
 
 MARKER = ".dsv3-job.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCALE_SUFFIX = "_scale_inv"
-# Converts one shard's tensors: ({name: tensor}, reader for cross-shard lookups, thread pool) -> {name: tensor}.
-ShardFn = Callable[[dict[str, torch.Tensor], CheckpointReader, ThreadPoolExecutor], dict[str, torch.Tensor]]
+# Plans one shard: (its tensor names, a reader for cross-shard lookups) -> the output tensors, in order, with
+# shapes and dtypes known up front and the data computed lazily. Validation happens while planning, so a bad
+# input fails before anything is written.
+ShardPlan = Callable[[list[str], CheckpointReader], list[PlannedTensor]]
 
 
 @dataclass
@@ -98,10 +101,6 @@ def _prepare_destination(src: Path, dst: Path, job: dict, force: bool) -> bool:
     return False
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 _ITEMSIZE = {
     "F8_E4M3": 1,
     "BF16": 2,
@@ -128,7 +127,7 @@ def _run(
     src: Path,
     dst: Path,
     job: dict,
-    shard_fn: ShardFn,
+    plan: ShardPlan,
     new_config: dict,
     force: bool,
     workers: int,
@@ -144,32 +143,30 @@ def _run(
     sizes: dict[str, int] = {}
     total_in = sum((src / s).stat().st_size for s in reader.shards if (src / s).is_file())
     disable = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes")
-    with (
-        tqdm(total=total_in, unit="B", unit_scale=True, desc="converting", disable=disable) as bar,
-        ThreadPoolExecutor(max(1, workers)) as pool,
-    ):
-        for shard in reader.shards:
-            out_path = dst / shard
-            names = [n for n in reader.names_in(shard) if keep(n)]
-            if out_path.is_file():  # finished by an earlier, interrupted run (renames are atomic)
-                header = _read_header(out_path)
-                report.shards_resumed += 1
-            elif names:
-                inputs = {n: reader.get(n) for n in names}
-                outputs = shard_fn(inputs, reader, pool)
-                report.input_elements += sum(t.numel() for t in inputs.values())
-                del inputs
-                if outputs:
-                    _write(out_path, outputs)
-                    report.shards_written += 1
-                header = {n: _tensor_bytes(t) for n, t in outputs.items()}
-                del outputs
-                reader.close()
-            else:
-                header = {}
-            for name, size in header.items():
-                weight_map[name], sizes[name] = shard, size
-            bar.update((src / shard).stat().st_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, workers))  # compute threads; a writer thread overlaps the disk
+    try:
+        with tqdm(total=total_in, unit="B", unit_scale=True, desc="converting", disable=disable) as bar:
+            for shard in reader.shards:
+                out_path = dst / shard
+                names = [n for n in reader.names_in(shard) if keep(n)]
+                if out_path.is_file():  # finished by an earlier, interrupted run (renames are atomic)
+                    header = _read_header(out_path)
+                    report.shards_resumed += 1
+                elif names:
+                    planned = plan(names, reader)
+                    report.input_elements += sum(reader.get(n).numel() for n in names)
+                    header = write_shard_streaming(out_path, planned) if planned else {}
+                    report.shards_written += bool(planned)
+                    del planned
+                    reader.close()  # unmap the shard: resident memory stays at about one shard
+                else:
+                    header = {}
+                for name, size in header.items():
+                    weight_map[name], sizes[name] = shard, size
+                bar.update((src / shard).stat().st_size)
+    finally:
+        torch.set_num_threads(threads)
     report.tensors = len(weight_map)
     report.output_bytes = sum(sizes.values())
     copy_side_files(src, dst)
@@ -187,21 +184,6 @@ def _run(
 def _read_header(path: Path) -> dict[str, int]:
     with safe_open(path, framework="pt") as f:
         return {k: _slice_bytes(f.get_slice(k)) for k in f.keys()}
-
-
-def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    try:
-        write_shard(path, tensors)
-    except OSError as err:
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise CheckpointError(f"{path}: no space left on the device") from None
-        raise CheckpointError(f"{path}: cannot write ({err.strerror or err})") from None
-    except Exception as err:  # safetensors reports a full disk as its own error type
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
-        if "No space left" in str(err):
-            raise CheckpointError(f"{path}: no space left on the device") from None
-        raise
 
 
 def _resolve_src(src: str | os.PathLike) -> Path:
@@ -236,47 +218,40 @@ def fp8_to_bf16(
         layer = _layer_index(name)
         return not (drop_mtp and layer is not None and layer >= n_layers)
 
-    def convert_one(name: str, t: torch.Tensor, scale: torch.Tensor | None, where: str) -> torch.Tensor:
-        if t.dtype == FP8_DTYPE:
-            if scale is None:
-                raise CheckpointError(
-                    f"{where}: {name} is FP8 but the checkpoint has no {name}{SCALE_SUFFIX}"
-                )
-            try:
-                check_scale(name, t, scale, block)
-            except ValueError as err:
-                raise CheckpointError(f"{where}: {err}") from None
-            return blockwise_dequant(t, scale, target, block)
-        if not t.is_floating_point():
-            raise CheckpointError(f"{where}: {name} has unexpected dtype {t.dtype}")
-        # The router's correction bias selects experts by small differences: it stays fp32, as shipped.
-        return t if name.endswith("e_score_correction_bias") else t.to(target)
-
-    def shard_fn(inputs: dict[str, torch.Tensor], reader: CheckpointReader, pool) -> dict[str, torch.Tensor]:
-        jobs = []
-        for name, t in inputs.items():
+    def plan(names: list[str], reader: CheckpointReader) -> list[PlannedTensor]:
+        out = []
+        for name in names:
+            where = src / reader.weight_map[name]
+            t = reader.get(name)  # a lazy view of the mapped shard: nothing is read yet
             if name.endswith(SCALE_SUFFIX):
                 if name.removesuffix(SCALE_SUFFIX) not in reader:
-                    raise CheckpointError(f"{src / reader.weight_map[name]}: {name} has no weight to scale")
+                    raise CheckpointError(f"{where}: {name} has no weight to scale")
                 continue  # consumed by its weight
-            scale_name = name + SCALE_SUFFIX
-            # The scale may live in another shard: fetch it through the index.
-            scale = (
-                inputs.get(scale_name)
-                if scale_name in inputs
-                else reader.get(scale_name)
-                if scale_name in reader
-                else None
-            )
-            jobs.append((name, t, scale, str(src / reader.weight_map[name])))
-        results = pool.map(lambda j: convert_one(*j), jobs)
-        return {j[0]: r for j, r in zip(jobs, results, strict=True)}
+            if t.dtype == FP8_DTYPE:
+                scale_name = name + SCALE_SUFFIX
+                if scale_name not in reader:
+                    raise CheckpointError(f"{where}: {name} is FP8 but the checkpoint has no {scale_name}")
+                scale = reader.get(scale_name)  # may live in another shard: found through the index
+                try:
+                    check_scale(name, t, scale, block)
+                except ValueError as err:
+                    raise CheckpointError(f"{where}: {err}") from None
+                make = partial(blockwise_dequant, t, scale, target, block)  # make(out) fills the ring buffer
+                out.append(PlannedTensor(name, tuple(t.shape), target, lambda buf, make=make: make(out=buf)))
+            elif not t.is_floating_point():
+                raise CheckpointError(f"{where}: {name} has unexpected dtype {t.dtype}")
+            elif name.endswith("e_score_correction_bias"):
+                # It selects experts by small differences: it stays as shipped (fp32).
+                out.append(PlannedTensor(name, tuple(t.shape), t.dtype, lambda buf, t=t: buf.copy_(t)))
+            else:
+                out.append(PlannedTensor(name, tuple(t.shape), target, lambda buf, t=t: buf.copy_(t)))
+        return out
 
     new_config = {k: v for k, v in config.items() if k != "quantization_config"}
     new_config["torch_dtype"] = str(target).removeprefix("torch.")
     if drop_mtp:
         new_config["num_nextn_predict_layers"] = 0
-    return _run(src, dst, job, shard_fn, new_config, force, workers or os.cpu_count() or 1, keep)
+    return _run(src, dst, job, plan, new_config, force, workers or os.cpu_count() or 1, keep)
 
 
 # ------------------------------------------------------------------------------------------ BF16 -> FP8
@@ -302,19 +277,33 @@ def bf16_to_fp8(
     block = (block_size, block_size)
     job = {"job": "bf16-to-fp8", "src": str(src.resolve()), "block_size": block_size, "scale_fmt": scale_fmt}
 
-    def convert_one(name: str, t: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
-        if not t.is_floating_point() or t.dtype == FP8_DTYPE:
-            raise CheckpointError(f"{where}: {name} has unexpected dtype {t.dtype} for a BF16 checkpoint")
-        if name.endswith(".weight") and t.dim() == 2 and is_fp8_linear(name.removesuffix(".weight")):
-            q, scale = blockwise_quant(t, block, scale_fmt)
-            return {name: q, name + SCALE_SUFFIX: scale}
-        return {name: t}
+    def plan(names: list[str], reader: CheckpointReader) -> list[PlannedTensor]:
+        out = []
+        for name in names:
+            t = reader.get(name)
+            if not t.is_floating_point() or t.dtype == FP8_DTYPE:
+                raise CheckpointError(
+                    f"{src / reader.weight_map[name]}: {name} has unexpected dtype {t.dtype} for a BF16 checkpoint"
+                )
+            if name.endswith(".weight") and t.dim() == 2 and is_fp8_linear(name.removesuffix(".weight")):
+                # One quantization yields both tensors: the weight's thunk computes, the scale's reads the result.
+                done: dict[str, torch.Tensor] = {}
 
-    def shard_fn(inputs: dict[str, torch.Tensor], reader: CheckpointReader, pool) -> dict[str, torch.Tensor]:
-        jobs = [(n, t, str(src / reader.weight_map[n])) for n, t in inputs.items()]
-        out: dict[str, torch.Tensor] = {}
-        for part in pool.map(lambda j: convert_one(*j), jobs):
-            out.update(part)
+                def quantize(buf: torch.Tensor, t=t, done=done) -> torch.Tensor:
+                    q, done["scale"] = blockwise_quant(t, block, scale_fmt)
+                    return q
+
+                out.append(PlannedTensor(name, tuple(t.shape), FP8_DTYPE, quantize))
+                out.append(
+                    PlannedTensor(
+                        name + SCALE_SUFFIX,
+                        scale_shape(tuple(t.shape), block),
+                        torch.float32,
+                        lambda buf, done=done: done.pop("scale"),
+                    )
+                )
+            else:
+                out.append(PlannedTensor(name, tuple(t.shape), t.dtype, lambda buf, t=t: buf.copy_(t)))
         return out
 
     quant = {
@@ -326,4 +315,4 @@ def bf16_to_fp8(
     if scale_fmt == "ue8m0":
         quant["scale_fmt"] = "ue8m0"
     new_config = {**config, "quantization_config": quant, "torch_dtype": "bfloat16"}
-    return _run(src, dst, job, shard_fn, new_config, force, workers or os.cpu_count() or 1)
+    return _run(src, dst, job, plan, new_config, force, workers or os.cpu_count() or 1)

@@ -67,6 +67,19 @@ REAL_V3_CONFIG = {
 }
 
 
+# rope_scaling + rope_theta above, normalised the way every consumer (ours, transformers >= 5) reads them.
+REAL_V3_ROPE_PARAMETERS = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
+
 def real_config_kwargs(**overrides) -> dict:
     # What from_pretrained hands the config class: the JSON minus the loader's own keys.
     kwargs = {k: v for k, v in REAL_V3_CONFIG.items() if k not in ("auto_map", "model_type", "architectures")}

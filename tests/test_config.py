@@ -4,21 +4,12 @@ import pytest
 from transformers import AutoConfig
 
 from modeling_deepseek.configuration_deepseek import DeepseekV3Config
-from tests.real_config import REAL_V3_CONFIG, real_config_kwargs
+from tests.real_config import REAL_V3_CONFIG, REAL_V3_ROPE_PARAMETERS, real_config_kwargs
 
 
 def test_accepts_the_real_config_with_optional_fields_and_quantization():
     cfg = DeepseekV3Config(**real_config_kwargs())
-    assert cfg.rope_parameters == {
-        "rope_type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 40.0,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    }
+    assert cfg.rope_parameters == REAL_V3_ROPE_PARAMETERS
     # FP8 is handled by our loader, hidden from transformers' own quantizer, and written back on save.
     assert cfg.fp8_quantization_config["weight_block_size"] == [128, 128]
     assert not hasattr(cfg, "quantization_config")

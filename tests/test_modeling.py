@@ -16,7 +16,7 @@ from modeling_deepseek.modeling_deepseek import (
     rope_inv_freq,
     softmax_scale,
 )
-from tests.real_config import real_config_kwargs
+from tests.real_config import REAL_V3_ROPE_PARAMETERS, real_config_kwargs
 
 
 def _load(path, impl="sdpa"):
@@ -180,18 +180,7 @@ def test_yarn_frequencies_and_softmax_scale_follow_the_reference():
     from transformers import DeepseekV3Config as NativeConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    native_cfg = NativeConfig(
-        rope_parameters={
-            "rope_type": "yarn",
-            "rope_theta": 10000.0,
-            "factor": 40.0,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        }
-    )
+    native_cfg = NativeConfig(rope_parameters=dict(REAL_V3_ROPE_PARAMETERS))
     native_freq, native_factor = ROPE_INIT_FUNCTIONS["yarn"](native_cfg, "cpu")
     assert torch.allclose(inv_freq, native_freq.float(), rtol=1e-6) and native_factor == factor
     # low/high ramp by the reference formula: low = floor(64 ln(4096/(32*2pi)) / (2 ln 1e4)) = 10, high = 23
