@@ -85,7 +85,7 @@ def fp8_to_bf16(
     drop_mtp: bool = typer.Option(
         False, help="Leave out the MTP layer(s) (model.layers.{num_hidden_layers}+)."
     ),
-    workers: int = typer.Option(0, help="Converter threads (0 = one per CPU core)."),
+    workers: int = typer.Option(0, help="Compute threads (0 = one per CPU core); a separate thread writes."),
     force: bool = typer.Option(False, help="Overwrite a non-empty destination."),
 ):
     """Dequantize an FP8 block-scaled checkpoint: bit-identical to dtype(fp32(q) * scale), no GPU needed.
@@ -104,7 +104,7 @@ def bf16_to_fp8(
     dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
     block_size: int = typer.Option(128, help="Square quantization block size."),
     scale_fmt: str = typer.Option("float", help="float (amax/448) | ue8m0 (power-of-two scales, V3.1 style)"),
-    workers: int = typer.Option(0, help="Converter threads (0 = one per CPU core)."),
+    workers: int = typer.Option(0, help="Compute threads (0 = one per CPU core); a separate thread writes."),
     force: bool = typer.Option(False, help="Overwrite a non-empty destination."),
 ):
     """Quantize to DeepSeek's FP8 block format (float8_e4m3fn + weight_scale_inv), official tensor selection.

@@ -346,3 +346,27 @@ def test_fp8_load_with_nan_scale_fails_naming_the_tensor(fp8_ckpt, tmp_path):
     with pytest.raises(ValueError, match=name.replace(".", "[.]") + ": contains NaN or Inf"):
         AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True)
     run_python("import torch")  # the source folder still loads nowhere else changed
+
+
+def test_full_disk_is_a_one_line_error_and_leaves_nothing_that_looks_complete(fp8_ckpt, tmp_path):
+    # A 3 MiB tmpfs: the 14 MB BF16 output cannot fit. Needs mount permission (root), else skipped.
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill the disk")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dsv3.cli", "convert", "fp8-to-bf16", str(fp8_ckpt), str(mnt / "out")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+        )
+        assert proc.returncode == 1
+        err = proc.stderr.strip()
+        assert err.count("\n") == 0 and "no space left on the device" in err and str(mnt / "out") in err, err
+        assert not (mnt / "out" / "model.safetensors.index.json").exists()
+        assert not list((mnt / "out").glob("*.tmp"))  # the half-written shard was removed
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
