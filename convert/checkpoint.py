@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import os
 import queue
 import shutil
@@ -194,10 +195,18 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty(0, dtype=self.dtype).element_size()
+        return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
+
+
+_ITEMSIZE = {name: torch.empty(0, dtype=dtype).element_size() for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def shard_tensor_bytes(path: Path) -> dict[str, int]:
+    """name -> bytes of every tensor in a finished shard, from its header alone."""
+    with safe_open(path, framework="pt") as f:
+        return {
+            k: math.prod(f.get_slice(k).get_shape()) * _ITEMSIZE[f.get_slice(k).get_dtype()] for k in f.keys()
+        }
 
 
 def write_shard_streaming(path: Path, planned: list[PlannedTensor]) -> dict[str, int]:

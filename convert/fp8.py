@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from modeling_deepseek.fp8 import (
@@ -39,6 +38,7 @@ from .checkpoint import (
     copy_side_files,
     read_config,
     resolve_model_path,
+    shard_tensor_bytes,
     with_auto_map,
     write_shard_streaming,
 )
@@ -86,41 +86,20 @@ def _prepare_destination(src: Path, dst: Path, job: dict, force: bool) -> bool:
         raise CheckpointError(f"{dst}: the destination must not be the source folder or inside it")
     marker = dst / MARKER
     if dst.exists():
-        # Half-written files of an interrupted run never count as output: ours end in .tmp, safetensors' own
-        # writer uses .tmpXXXXXX names.
-        for stale in [*dst.glob("*.tmp"), *dst.glob(".tmp*")]:
-            stale.unlink()
-    if dst.exists() and any(dst.iterdir()):
-        if marker.is_file() and json.loads(marker.read_text()) == job:
+        # Our own marker's temporary file alone means a run was killed before it started: still empty.
+        entries = [p for p in dst.iterdir() if p.name != MARKER + ".tmp"]
+        if entries and marker.is_file() and json.loads(marker.read_text()) == job:
+            # Resuming our own job: half-written files never count as output (ours end in .tmp; safetensors'
+            # own writer uses .tmpXXXXXX). Only here, inside a folder that is provably ours, is anything deleted.
+            for stale in [*dst.glob("*.tmp"), *dst.glob(".tmp*")]:
+                stale.unlink()
             return True
-        if not force:
+        if entries and not force:
             raise CheckpointError(f"{dst}: exists and is not empty (use --force to overwrite)")
         shutil.rmtree(dst)
     dst.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, job)
     return False
-
-
-_ITEMSIZE = {
-    "F8_E4M3": 1,
-    "BF16": 2,
-    "F16": 2,
-    "F32": 4,
-    "F64": 8,
-    "I8": 1,
-    "U8": 1,
-    "I16": 2,
-    "I32": 4,
-    "I64": 8,
-    "BOOL": 1,
-}
-
-
-def _slice_bytes(sl) -> int:
-    n = 1
-    for d in sl.get_shape():
-        n *= d
-    return n * _ITEMSIZE[sl.get_dtype()]
 
 
 def _run(
@@ -151,7 +130,7 @@ def _run(
                 out_path = dst / shard
                 names = [n for n in reader.names_in(shard) if keep(n)]
                 if out_path.is_file():  # finished by an earlier, interrupted run (renames are atomic)
-                    header = _read_header(out_path)
+                    header = shard_tensor_bytes(out_path)
                     report.shards_resumed += 1
                 elif names:
                     planned = plan(names, reader)
@@ -179,11 +158,6 @@ def _run(
     (dst / MARKER).unlink()
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _read_header(path: Path) -> dict[str, int]:
-    with safe_open(path, framework="pt") as f:
-        return {k: _slice_bytes(f.get_slice(k)) for k in f.keys()}
 
 
 def _resolve_src(src: str | os.PathLike) -> Path:

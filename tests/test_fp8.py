@@ -222,9 +222,11 @@ def test_refuses_non_empty_destination_and_never_modifies_the_source(fp8_ckpt, t
     before = _digest(fp8_ckpt)
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "notes.txt").write_text("mine")
+    (tmp_path / "dst" / "draft.tmp").write_text("also mine")
     with pytest.raises(CheckpointError, match="not empty"):
         fp8_to_bf16(fp8_ckpt, tmp_path / "dst")
     assert (tmp_path / "dst" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "dst" / "draft.tmp").read_text() == "also mine"  # a refused folder is left untouched
     fp8_to_bf16(fp8_ckpt, tmp_path / "dst", force=True)
     with pytest.raises(CheckpointError, match="must not be the source"):
         fp8_to_bf16(fp8_ckpt, fp8_ckpt / "inside")
