@@ -81,24 +81,9 @@ def _read(name: str) -> str:
 
 
 def train_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from convert.tiny import train_bpe_tokenizer
 
-    from convert.tiny import BOS, EOS, PAD
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=[BOS, EOS, PAD],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=2048
-    )
+    return train_bpe_tokenizer(texts, VOCAB, model_max_length=2048)
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:

@@ -175,7 +175,8 @@ def random_tiny_model(preset: str = "v3", seed: int = 0) -> DeepseekV3ForCausalL
     return model
 
 
-def build_tokenizer(out: Path, vocab_size: int):
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, model_max_length: int = 16384):
+    """A byte-level BPE tokenizer (DeepSeek's special tokens at ids 0, 1, 2), trained locally: no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -188,15 +189,19 @@ def build_tokenizer(out: Path, vocab_size: int):
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([TOKENIZER_TEXT] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        model_max_length=16384,
+        model_max_length=model_max_length,
         padding_side="left",
     )
+
+
+def build_tokenizer(out: Path, vocab_size: int):
+    fast = train_bpe_tokenizer([TOKENIZER_TEXT] * 4, vocab_size)
     fast.save_pretrained(out)
     return fast
 
