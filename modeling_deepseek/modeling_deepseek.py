@@ -224,6 +224,7 @@ class DeepseekV3TopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last reset (observability and the bias update); not saved.
+        # Filled by DeepseekV3MoE._dispatch, which counts them anyway.
         self.register_buffer("expert_load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x_MD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,8 +240,6 @@ class DeepseekV3TopkRouter(nn.Module):
             keep_MG.scatter_(1, group_MG.topk(self.topk_group, dim=-1).indices, True)
             choice_ME = choice_MGe.masked_fill(~keep_MG[..., None], float("-inf")).view(M, -1)
         idx_MK = choice_ME.topk(self.top_k, dim=-1).indices
-        with torch.no_grad():
-            self.expert_load += torch.bincount(idx_MK.flatten(), minlength=self.n_experts)
         weight_MK = scores_ME.gather(1, idx_MK)  # unbiased scores
         if self.norm_topk_prob:
             weight_MK = weight_MK / (weight_MK.sum(-1, keepdim=True) + 1e-20)
@@ -271,6 +270,7 @@ class DeepseekV3MoE(nn.Module):
         order = flat_idx.argsort(stable=True)
         token_of = order // K
         counts = torch.bincount(flat_idx, minlength=len(self.experts))
+        self.gate.expert_load += counts  # the router's load statistics, from the counts dispatch needs anyway
         active = counts.nonzero().flatten().tolist()
         x_sorted = x_MD[token_of]
         chunks = x_sorted.split(counts[active].tolist())
