@@ -11,20 +11,22 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from modeling_deepseek.configuration_deepseek import layer_index
 from modeling_deepseek.fp8 import (
     FP8_DTYPE,
     SCALE_FORMATS,
     blockwise_dequant,
     blockwise_quant,
     check_scale,
-    is_fp8_linear,
+    fp8_quantization_config,
+    is_fp8_weight,
     scale_shape,
 )
 
@@ -61,7 +63,6 @@ class ConvertReport:
     input_elements: int = 0
     output_bytes: int = 0
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         rate = self.input_elements / self.seconds / 1e9 if self.seconds else 0.0
@@ -73,15 +74,8 @@ class ConvertReport:
         )
 
 
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
-    return None
-
-
-def _prepare_destination(src: Path, dst: Path, job: dict, force: bool) -> bool:
-    """Returns True when resuming the same job. Refuses a non-empty destination without --force."""
+def _prepare_destination(src: Path, dst: Path, job: dict, force: bool) -> None:
+    """Starts a fresh job, or resumes the same job found there. Refuses a non-empty destination without --force."""
     if src.resolve() == dst.resolve() or src.resolve() in dst.resolve().parents:
         raise CheckpointError(f"{dst}: the destination must not be the source folder or inside it")
     marker = dst / MARKER
@@ -93,13 +87,12 @@ def _prepare_destination(src: Path, dst: Path, job: dict, force: bool) -> bool:
             # own writer uses .tmpXXXXXX). Only here, inside a folder that is provably ours, is anything deleted.
             for stale in [*dst.glob("*.tmp"), *dst.glob(".tmp*")]:
                 stale.unlink()
-            return True
+            return
         if entries and not force:
             raise CheckpointError(f"{dst}: exists and is not empty (use --force to overwrite)")
         shutil.rmtree(dst)
     dst.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, job)
-    return False
 
 
 def _run(
@@ -114,10 +107,8 @@ def _run(
 ) -> ConvertReport:
     t0 = time.perf_counter()
     reader = CheckpointReader(src)
-    resuming = _prepare_destination(src, dst, job, force)
+    _prepare_destination(src, dst, job, force)
     report = ConvertReport(dst=dst)
-    if resuming:
-        report.notes.append("resumed an interrupted job")
     weight_map: dict[str, str] = {}
     sizes: dict[str, int] = {}
     total_in = sum((src / s).stat().st_size for s in reader.shards if (src / s).is_file())
@@ -160,10 +151,6 @@ def _run(
     return report
 
 
-def _resolve_src(src: str | os.PathLike) -> Path:
-    return resolve_model_path(str(src))
-
-
 # ------------------------------------------------------------------------------------------ FP8 -> BF16
 def fp8_to_bf16(
     src: str | os.PathLike,
@@ -175,7 +162,7 @@ def fp8_to_bf16(
 ) -> ConvertReport:
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype: choose from {', '.join(DTYPES)}, got {dtype!r}")
-    src, dst = _resolve_src(src), Path(dst)
+    src, dst = resolve_model_path(str(src)), Path(dst)
     config = read_config(src)
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") != "fp8":
@@ -189,7 +176,7 @@ def fp8_to_bf16(
     job = {"job": "fp8-to-bf16", "src": str(src.resolve()), "dtype": dtype, "drop_mtp": drop_mtp}
 
     def keep(name: str) -> bool:
-        layer = _layer_index(name)
+        layer = layer_index(name)
         return not (drop_mtp and layer is not None and layer >= n_layers)
 
     def plan(names: list[str], reader: CheckpointReader) -> list[PlannedTensor]:
@@ -241,7 +228,7 @@ def bf16_to_fp8(
         raise CheckpointError(f"--scale-fmt: choose from {', '.join(SCALE_FORMATS)}, got {scale_fmt!r}")
     if block_size <= 0:
         raise CheckpointError(f"--block-size: must be positive, got {block_size}")
-    src, dst = _resolve_src(src), Path(dst)
+    src, dst = resolve_model_path(str(src)), Path(dst)
     config = read_config(src)
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
@@ -259,7 +246,7 @@ def bf16_to_fp8(
                 raise CheckpointError(
                     f"{src / reader.weight_map[name]}: {name} has unexpected dtype {t.dtype} for a BF16 checkpoint"
                 )
-            if name.endswith(".weight") and t.dim() == 2 and is_fp8_linear(name.removesuffix(".weight")):
+            if is_fp8_weight(name, t):
                 # One quantization yields both tensors: the weight's thunk computes, the scale's reads the result.
                 done: dict[str, torch.Tensor] = {}
 
@@ -280,13 +267,6 @@ def bf16_to_fp8(
                 out.append(PlannedTensor(name, tuple(t.shape), t.dtype, lambda buf, t=t: buf.copy_(t)))
         return out
 
-    quant = {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": [block_size, block_size],
-    }
-    if scale_fmt == "ue8m0":
-        quant["scale_fmt"] = "ue8m0"
+    quant = fp8_quantization_config(block_size, scale_fmt)
     new_config = {**config, "quantization_config": quant, "torch_dtype": "bfloat16"}
     return _run(src, dst, job, plan, new_config, force, workers or os.cpu_count() or 1)

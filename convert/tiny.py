@@ -7,17 +7,10 @@ from pathlib import Path
 import torch
 
 from modeling_deepseek.configuration_deepseek import DeepseekV3Config
-from modeling_deepseek.fp8 import blockwise_quant, is_fp8_linear
+from modeling_deepseek.fp8 import blockwise_quant, fp8_quantization_config, is_fp8_weight
 from modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
 
 from .checkpoint import ShardWriter, atomic_write_json, copy_remote_code, with_auto_map
-
-FP8_QUANTIZATION_CONFIG = {
-    "activation_scheme": "dynamic",
-    "fmt": "e4m3",
-    "quant_method": "fp8",
-    "weight_block_size": [128, 128],
-}
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 
@@ -221,7 +214,7 @@ def write_official_layout(
         # The router's correction bias stays fp32 on disk, like the official checkpoints.
         keep_fp32 = name.endswith("e_score_correction_bias")
         t = tensor.detach().to(torch.float32 if keep_fp32 else dtype).cpu()
-        if fp8 and name.endswith(".weight") and t.dim() == 2 and is_fp8_linear(name.removesuffix(".weight")):
+        if fp8 and is_fp8_weight(name, t):
             q, scale = blockwise_quant(t)
             writer.add(name, q)
             writer.add(name + "_scale_inv", scale)
@@ -230,7 +223,7 @@ def write_official_layout(
     index = writer.close()
     config = model.config.to_dict()
     if fp8:
-        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+        config["quantization_config"] = fp8_quantization_config()
     config.update(architectures=["DeepseekV3ForCausalLM"], torch_dtype=str(dtype).removeprefix("torch."))
     config.pop("dtype", None)
     atomic_write_json(out / "config.json", with_auto_map(config))

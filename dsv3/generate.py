@@ -5,8 +5,9 @@ import os
 import torch
 
 from convert.checkpoint import resolve_model_path
+from convert.fp8 import DTYPES as CONVERT_DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+DTYPES = {**CONVERT_DTYPES, "auto": "auto"}
 
 
 def load_model(model: str | os.PathLike, dtype: str = "fp32", device: str = "cpu"):

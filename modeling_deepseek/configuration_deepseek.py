@@ -12,6 +12,16 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
 }
 
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index of a tensor or module name (`model.layers.{i}.` or `layers.{i}.`), else None."""
+    parts = name.split(".")
+    for j in range(len(parts) - 1):
+        if parts[j] == "layers" and parts[j + 1].isdigit():
+            return int(parts[j + 1])
+    return None
+
+
 # RoPE types the model implements; anything else is rejected by name instead of silently ignored.
 ROPE_TYPES = ("default", "yarn")
 YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}

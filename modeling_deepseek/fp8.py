@@ -121,6 +121,24 @@ def is_fp8_linear(name: str, modules_to_not_convert: list[str] | tuple[str, ...]
     return not any(skip and (name == skip or name.startswith(skip + ".")) for skip in modules_to_not_convert)
 
 
+def is_fp8_weight(name: str, tensor: torch.Tensor) -> bool:
+    """A checkpoint tensor the official FP8 format stores as float8 + weight_scale_inv."""
+    return name.endswith(".weight") and tensor.dim() == 2 and is_fp8_linear(name.removesuffix(".weight"))
+
+
+def fp8_quantization_config(block_size: int = 128, scale_fmt: str = "float") -> dict:
+    """config.json's quantization_config for DeepSeek's FP8 block format (V3.1 adds scale_fmt ue8m0)."""
+    quant = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [block_size, block_size],
+    }
+    if scale_fmt == "ue8m0":
+        quant["scale_fmt"] = "ue8m0"
+    return quant
+
+
 class FP8Linear(nn.Module):
     """Keeps the checkpoint's FP8 weight and block scales in memory (about half of BF16) and dequantizes per
     matmul into the activation dtype."""

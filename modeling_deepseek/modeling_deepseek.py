@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
-from .configuration_deepseek import AUTO_MAP, DeepseekV3Config
+from .configuration_deepseek import AUTO_MAP, DeepseekV3Config, layer_index
 from .fp8 import FP8Linear, check_scale, is_fp8_linear
 
 IGNORE_INDEX = -100
@@ -423,13 +423,8 @@ def _check_loading_info(source, model: nn.Module, info: dict) -> None:
         if name.startswith("lm_head.") and not hasattr(model, "lm_head"):
             return True  # AutoModel on a causal-LM checkpoint: the head is legitimately unused
         # MTP layers the config chose not to build (num_nextn_predict_layers lowered to drop them).
-        parts = name.split(".")
-        return (
-            len(parts) > 2
-            and parts[:2] == ["model", "layers"]
-            and parts[2].isdigit()
-            and int(parts[2]) >= last
-        )
+        index = layer_index(name) if name.startswith("model.layers.") else None
+        return index is not None and index >= last
 
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not beyond_model(k))
@@ -477,7 +472,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def routers(self) -> dict[int, "DeepseekV3TopkRouter"]:
         """The router of every MoE layer (MTP layers included), by layer index."""
         return {
-            int(name.split("layers.")[1].split(".")[0]): module
+            layer_index(name): module
             for name, module in self.named_modules()
             if isinstance(module, DeepseekV3TopkRouter)
         }
