@@ -56,13 +56,26 @@ def test_decode_matches_prefill(tiny_ckpt, impl):
 def test_cache_stores_only_the_latent(tiny_ckpt):
     model = _load(tiny_ckpt("v3"))
     cfg = model.config
+    ids = torch.randint(3, 512, (3, 7), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
-        cache = model(torch.randint(3, 512, (3, 7)), use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).past_key_values
+        # What layer 0 should have cached: c_kv after kv_a_layernorm, and the rope key after RoPE.
+        attn = model.model.layers[0].self_attn
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        c_kv, k_rope = attn._compress_kv(x)
+        cos, sin = model.model.rotary_emb(torch.arange(7)[None].expand(3, 7))
+        k_rope = apply_rope_interleaved(k_rope, cos, sin)
+    assert len(cache.layers) == cfg.num_hidden_layers  # the MTP layer caches nothing in plain decoding
     layer = cache.layers[0]
-    assert layer.keys.shape == (3, 1, 7, cfg.kv_lora_rank)  # c_kv after its norm
-    assert layer.values.shape == (3, 1, 7, cfg.qk_rope_head_dim)  # k_rope after RoPE
-    c_kv, _ = model.model.layers[0].self_attn._compress_kv(model.model.embed_tokens.weight[None, :1] * 0)
-    assert len(cache.layers) == cfg.num_hidden_layers and c_kv.shape[-1] == cfg.kv_lora_rank
+    assert layer.keys.shape == (3, 1, 7, cfg.kv_lora_rank) and layer.values.shape == (
+        3,
+        1,
+        7,
+        cfg.qk_rope_head_dim,
+    )
+    assert torch.allclose(layer.keys[:, 0], c_kv, atol=1e-6) and torch.allclose(
+        layer.values[:, 0], k_rope, atol=1e-6
+    )
 
 
 def test_left_padded_batch_matches_unpadded_rows(tiny_ckpt):
