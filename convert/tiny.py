@@ -231,9 +231,24 @@ def write_official_layout(
     return index
 
 
-def build_tiny(out: str | os.PathLike, preset: str = "v3", seed: int = 0, fp8: bool = False) -> Path:
+# What an earlier build_tiny may have left that a new one would not overwrite by name: shards of another count,
+# a single-file checkpoint, unfinished shards. Everything else it writes has a fixed name and is replaced.
+STALE_WEIGHT_PATTERNS = ("model-*-of-*.safetensors", "model.safetensors", "shard-*.partial", "*.tmp")
+
+
+def build_tiny(
+    out: str | os.PathLike, preset: str = "v3", seed: int = 0, fp8: bool = False, force: bool = False
+) -> Path:
+    """Refuses a non-empty `out` unless `force`; with it, removes only weight files a checkpoint writer like
+    this one leaves (so no stale shard of an earlier build survives) and keeps anything else."""
     out = Path(out)
-    model = random_tiny_model(preset, seed)
+    model = random_tiny_model(preset, seed)  # validates the preset before anything is touched
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force or not out.is_dir():
+            raise ValueError(f"{out}: exists and is not empty (use --force to overwrite)")
+        for pattern in STALE_WEIGHT_PATTERNS:
+            for stale in out.glob(pattern):
+                stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_official_layout(model, out, torch.bfloat16, fp8=fp8)
     build_tokenizer(out, model.config.vocab_size)

@@ -34,8 +34,10 @@ def _friendly(fn: Callable) -> Callable:
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors.")) -> None:
-    STATE["debug"] = debug
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors (anywhere on the line)."),
+) -> None:
+    STATE["debug"] = STATE["debug"] or debug
 
 
 @app.command()
@@ -59,7 +61,9 @@ def tiny(
     preset: str = typer.Option("v3", help="v3 (YaRN, q-LoRA, grouped routing, MTP) | moonlight | kimi"),
     fp8: bool = typer.Option(False, "--fp8/--bf16", help="Official FP8 block layout, or plain BF16."),
     seed: int = typer.Option(0, help="Random seed for the weights."),
-    force: bool = typer.Option(False, help="Overwrite a non-empty output folder."),
+    force: bool = typer.Option(
+        False, help="Write into a non-empty folder (removes only old weight shards; other files stay)."
+    ),
 ):
     """Write a small random checkpoint in the official layout (shards + index, config, tokenizer, remote code).
 
@@ -67,8 +71,7 @@ def tiny(
     """
     from convert.tiny import build_tiny
 
-    _refuse_non_empty(out, force)
-    path = build_tiny(out, preset, seed, fp8=fp8)
+    path = build_tiny(out, preset, seed, fp8=fp8, force=force)
     typer.echo(f"wrote {preset} tiny checkpoint ({'FP8' if fp8 else 'BF16'}) to {path}")
 
 
@@ -155,13 +158,13 @@ def generate(
     typer.echo(generate_text(model, prompt, max_new_tokens, dtype, sample, seed))
 
 
-def _refuse_non_empty(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ValueError(f"{out}: exists and is not empty (use --force to overwrite)")
-
-
-def main() -> None:
-    app(prog_name="dsv3")
+def main(argv: list[str] | None = None) -> None:
+    # --debug is accepted anywhere on the line (before or after the subcommand), as DESIGN.md promises.
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" in args:
+        STATE["debug"] = True
+        args = [a for a in args if a != "--debug"]
+    app(args=args, prog_name="dsv3")
 
 
 if __name__ == "__main__":

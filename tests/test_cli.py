@@ -1,5 +1,7 @@
 """The dsv3 command: thin, one-line errors, refuses to overwrite."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -36,3 +38,53 @@ def test_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "identical to native = True" in proc.stdout
     assert "576 values/token/layer" in proc.stdout
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_generate_names_the_missing_config_or_tokenizer(tiny_ckpt, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "config.json: not found" in _one_line_error(dsv3("generate", str(empty), "--prompt", "hi"))
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_ckpt("moonlight"), no_tok)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (no_tok / name).unlink(missing_ok=True)
+    err = _one_line_error(dsv3("generate", str(no_tok), "--prompt", "hi"))
+    assert "no tokenizer" in err and "tokenizer.json" in err and str(no_tok) in err
+
+
+def test_generate_rejects_empty_prompt_and_zero_tokens_before_loading(tmp_path):
+    # The folder does not even exist: the argument checks must come first.
+    missing = str(tmp_path / "not-loaded")
+    assert "--prompt: must not be empty" in _one_line_error(dsv3("generate", missing, "--prompt", ""))
+    err = _one_line_error(dsv3("generate", missing, "--prompt", "hi", "--max-new-tokens", "0"))
+    assert "--max-new-tokens: must be at least 1, got 0" in err
+
+
+def test_debug_is_accepted_after_the_subcommand(tmp_path):
+    for args in (["--debug", "install-code", str(tmp_path)], ["install-code", str(tmp_path), "--debug"]):
+        proc = dsv3(*args)
+        assert proc.returncode == 1
+        assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("Error: ")
+
+
+def test_tiny_force_leaves_no_stale_shards(tmp_path):
+    out = tmp_path / "tiny"
+    assert dsv3("tiny", str(out), "--preset", "v3", "--bf16").returncode == 0
+    before = sorted(p.name for p in out.glob("*.safetensors"))
+    (out / "notes.txt").write_text("mine")
+    proc = dsv3("tiny", str(out), "--preset", "kimi", "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    after = sorted(p.name for p in out.glob("*.safetensors"))
+    assert before != after  # the two presets shard differently: the old names must be gone
+    assert after == sorted(set(index["weight_map"].values()))
+    assert (out / "notes.txt").read_text() == "mine"  # --force removes only weight files
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
