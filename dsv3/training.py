@@ -7,6 +7,13 @@ Plain loop:
 
 Trainer:
     Trainer(model, args, train_dataset=..., callbacks=[ExpertBiasUpdateCallback(gamma=0.001)])
+
+Expert load counts training forwards only (train mode with grad enabled: not eval, not generate), once per forward
+also under gradient checkpointing. To measure balance on held-out data:
+    with model.measuring_expert_load(), torch.no_grad(): ...
+
+Every loss term (lm, each MTP depth, the sequence-wise aux term) is normalised per target token, by Trainer's
+`num_items_in_batch` when it passes one, so gradient accumulation gives the full batch's gradient.
 """
 
 import torch

@@ -11,6 +11,9 @@ AUTO_MAP = {
     "AutoModel": "modeling_deepseek.DeepseekV3Model",
     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
 }
+# model.config.model_type of a built model (the file and AutoConfig keep "deepseek_v3"); see
+# DeepseekV3PreTrainedModel.__init__: it keeps PEFT from treating the per-expert layout as transformers' fused one.
+IN_MEMORY_MODEL_TYPE = "deepseek_v3_official_layout"
 
 
 def layer_index(name: str) -> int | None:
@@ -24,6 +27,9 @@ def layer_index(name: str) -> int | None:
 
 # RoPE types the model implements; anything else is rejected by name instead of silently ignored.
 ROPE_TYPES = ("default", "yarn")
+# What DeepSeek's own YaRN code (DeepseekV3YarnRotaryEmbedding) uses for keys a rope_scaling dict leaves out;
+# transformers' native yarn agrees (beta 32/1; without both mscale and mscale_all_dim the attention factor is
+# 0.1 ln(factor) + 1 and the softmax scale is not touched).
 YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
 
 
@@ -33,11 +39,18 @@ def _normalize_rope(
     rope_parameters: dict[str, Any] | None,
     max_position_embeddings: int,
 ) -> dict[str, Any]:
-    # Official configs spell it `rope_scaling: {"type": "yarn", ...}` + `rope_theta`; transformers >= 5 re-saves
-    # it as `rope_parameters: {"rope_type": "yarn", "rope_theta": ..., ...}`. Both end up as one dict.
-    params = dict(rope_parameters or {})
-    for key, value in (rope_scaling or {}).items():
-        params.setdefault(key, value)
+    """One normalised dict {"rope_type", "rope_theta", ...} from either spelling of the RoPE setup.
+
+    The rule (one source of truth): DeepSeek's spelling, `rope_scaling` + `rope_theta`, is what official
+    config.json files carry, what users and DeepSeek's tooling edit, and the only one we write back (to_dict).
+    transformers >= 5 spells it `rope_parameters` (rope_type and rope_theta inside); it is read only for what the
+    official keys leave unset. So when a config holds both and they disagree, `rope_scaling` wins as a whole and
+    `rope_theta` wins for the base - the same precedence transformers' own loader gives `rope_scaling`. A null
+    (or absent) key counts as unset here; `config.rope_scaling = None` (also `from_pretrained(...,
+    rope_scaling=None)`) is the explicit way to switch scaling off.
+    """
+    fallback = dict(rope_parameters or {})
+    params = dict(rope_scaling) if rope_scaling else dict(fallback)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in ROPE_TYPES:
@@ -45,7 +58,10 @@ def _normalize_rope(
             f"rope_scaling.type: unknown rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})"
         )
     theta = params.pop("rope_theta", None)
-    theta = float(theta if theta is not None else (rope_theta if rope_theta is not None else 10000.0))
+    for candidate in (rope_theta, theta, fallback.get("rope_theta"), 10000.0):
+        if candidate is not None:
+            theta = float(candidate)
+            break
     if theta <= 0:
         raise ValueError(f"rope_theta: must be positive, got {theta}")
     out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": theta}
@@ -184,11 +200,10 @@ class DeepseekV3Config(PretrainedConfig):
         if fp8_mode not in ("dequantize", "keep"):
             raise ValueError(f"fp8_mode: choose 'dequantize' or 'keep', got {fp8_mode!r}")
         self.fp8_mode = fp8_mode
-        # Read the RoPE setup in one place; the model only looks at `rope_parameters`.
-        self.rope_parameters = _normalize_rope(
+        # Read the RoPE setup in one place (rule in _normalize_rope); the model only looks at `rope_parameters`.
+        self.__dict__["rope_parameters"] = _normalize_rope(
             rope_theta, rope_scaling, rope_parameters, max_position_embeddings
         )
-        self.rope_theta = self.rope_parameters["rope_theta"]
         # Derived, not configurable: transformers' own DeepseekV3 writes these too.
         kwargs.pop("qk_head_dim", None)
         kwargs.pop("head_dim", None)
@@ -209,13 +224,51 @@ class DeepseekV3Config(PretrainedConfig):
         out.pop("fp8_mode", None)  # a load-time choice, not a property of the checkpoint
         if fp8 is not None:
             out["quantization_config"] = fp8
-        # Also write the official spelling, so DeepSeek's own loaders and older transformers read the same RoPE.
+        # Only the official spelling, as in DeepSeek's config.json: one copy of the RoPE setup, so editing it in
+        # the file takes effect. transformers (native DeepseekV3 too) reads `rope_scaling` into rope_parameters.
+        out.pop("rope_parameters", None)
+        out["rope_theta"] = self.rope_theta
+        out["rope_scaling"] = self.rope_scaling
+        return out
+
+    # RoPE: one normalised dict behind three names. from_pretrained(path, rope_scaling=...) sets attributes on the
+    # config it read from config.json (not through __init__), so each name normalises on assignment too.
+    @property
+    def rope_parameters(self) -> dict[str, Any]:
+        try:
+            return self.__dict__["rope_parameters"]
+        except KeyError:
+            raise AttributeError("rope_parameters") from None
+
+    @rope_parameters.setter
+    def rope_parameters(self, value: dict[str, Any] | None) -> None:
+        value = value or {"rope_type": "default", "rope_theta": self.rope_theta}
+        self.__dict__["rope_parameters"] = _normalize_rope(None, None, value, self.max_position_embeddings)
+
+    @property
+    def rope_scaling(self) -> dict[str, Any] | None:
+        # DeepSeek's spelling: None for plain RoPE, else {"type": "yarn", "factor": ..., ...} without the theta.
         params = dict(self.rope_parameters)
         rope_type = params.pop("rope_type")
         params.pop("rope_theta")
-        out["rope_theta"] = self.rope_theta
-        out["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **params}
-        return out
+        return None if rope_type == "default" else {"type": rope_type, **params}
+
+    @rope_scaling.setter
+    def rope_scaling(self, value: dict[str, Any] | None) -> None:
+        # Replaces the scaling, keeps the theta; None (or {}) means plain RoPE. Partial dicts get YARN_DEFAULTS.
+        value = value or {"type": "default"}
+        self.__dict__["rope_parameters"] = _normalize_rope(
+            self.rope_theta, value, None, self.max_position_embeddings
+        )
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope_parameters["rope_theta"]
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        params = {**self.rope_parameters, "rope_theta": value}
+        self.__dict__["rope_parameters"] = _normalize_rope(None, None, params, self.max_position_embeddings)
 
     @property
     def mtp_layer_indices(self) -> range:

@@ -139,9 +139,15 @@ def fp8_quantization_config(block_size: int = 128, scale_fmt: str = "float") -> 
     return quant
 
 
+# Same-size integer dtypes: module-wide dtype casts skip non-floating tensors (see FP8Linear._apply).
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
 class FP8Linear(nn.Module):
     """Keeps the checkpoint's FP8 weight and block scales in memory (about half of BF16) and dequantizes per
     matmul into the activation dtype."""
+
+    FROZEN = ("weight", "weight_scale_inv")  # the checkpoint's FP8 codes and scales: never trained or cast
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = False, block: tuple[int, int] = (128, 128)
@@ -156,12 +162,36 @@ class FP8Linear(nn.Module):
             torch.empty(srows, scols, dtype=torch.float32), requires_grad=False
         )
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        # The checkpoint name of a weight whose scale could not be validated at load because it was offloaded
+        # (device_map "disk", or "cpu" beside a GPU: a meta tensor until accelerate's hook brings it in for this
+        # module's forward). It is checked the first time it is used, then cleared.
+        self.unchecked_name: str | None = None
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.unchecked_name is not None:
+            check_scale(self.unchecked_name, self.weight, self.weight_scale_inv, self.block)
+            self.unchecked_name = None
         return blockwise_dequant(self.weight, self.weight_scale_inv, dtype, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.half() / .float() / .to(dtype) convert only floating-point tensors (float8 counts as one). The FP8
+        # codes and their scales are the checkpoint, not a compute dtype: present them as same-size integer views
+        # while the cast runs, so device moves still apply and dtype casts pass them by. The matmul dtype follows
+        # the activations; the bias (a float parameter) follows the cast.
+        frozen = {k: (self._parameters[k].dtype, self._parameters[k].requires_grad) for k in self.FROZEN}
+        for key in frozen:
+            p = self._parameters[key].requires_grad_(False)  # an integer tensor cannot require grad
+            p.data = p.data.view(_INT_OF_SIZE[p.element_size()])
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for key, (dtype, requires_grad) in frozen.items():
+                p = self._parameters[key]
+                p.data = p.data.view(dtype)
+                p.requires_grad_(requires_grad)
 
     def to_linear(self, dtype: torch.dtype) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")

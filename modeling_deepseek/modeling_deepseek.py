@@ -12,8 +12,10 @@
 #
 # The state dict uses the official names (model.layers.{i}.mlp.experts.{e}.gate_proj.weight, the MTP module at
 # model.layers.{num_hidden_layers + k}); fast paths are derived from these weights, never stored beside them.
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
-from .configuration_deepseek import AUTO_MAP, DeepseekV3Config, layer_index
+from .configuration_deepseek import AUTO_MAP, IN_MEMORY_MODEL_TYPE, DeepseekV3Config, layer_index
 from .fp8 import FP8Linear, check_scale, is_fp8_linear
 
 IGNORE_INDEX = -100
@@ -153,7 +155,9 @@ class DeepseekV3Attention(nn.Module):
 
     def _attend(
         self, q_BHSd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTU: torch.Tensor, mask_B1ST: torch.Tensor | None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Returns the output and, on the eager path only, the attention probabilities (after dropout, as
+        # transformers' eager attention returns them). SDPA never materialises them.
         dropout = self.dropout if self.training else 0.0
         if self.config._attn_implementation == "eager":
             scores_BHST = torch.matmul(q_BHSd, k_BHTd.transpose(-1, -2)) * self.softmax_scale
@@ -163,10 +167,11 @@ class DeepseekV3Attention(nn.Module):
                 q_BHSd.dtype
             )  # softmax in fp32
             probs_BHST = F.dropout(probs_BHST, p=dropout, training=self.training)
-            return torch.matmul(probs_BHST, v_BHTU)
-        return F.scaled_dot_product_attention(
+            return torch.matmul(probs_BHST, v_BHTU), probs_BHST
+        out_BHSU = F.scaled_dot_product_attention(
             q_BHSd, k_BHTd, v_BHTU, attn_mask=mask_B1ST, dropout_p=dropout, scale=self.softmax_scale
         )
+        return out_BHSU, None
 
     def forward(
         self,
@@ -174,7 +179,8 @@ class DeepseekV3Attention(nn.Module):
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask_B1ST: torch.Tensor | None,
         past_key_values: Cache | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (output (B, S, D), attention probabilities (B, H, S, T) on the eager path, else None)."""
         B, S, _ = x_BSD.shape
         cos_BSr, sin_BSr = rope_cos_sin
         q_nope_BSHN, q_rope_BSHR = self._project_q(x_BSD)
@@ -195,8 +201,8 @@ class DeepseekV3Attention(nn.Module):
             [k_nope_BHTN, k_rope_BTR[:, None].expand(B, self.n_heads, T, self.rope_dim)], dim=-1
         )
         q_BHSd = torch.cat([q_nope_BSHN, q_rope_BSHR], dim=-1).transpose(1, 2)
-        out_BHSU = self._attend(q_BHSd, k_BHTd, v_BHTU, mask_B1ST)
-        return self.o_proj(out_BHSU.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
+        out_BHSU, probs_BHST = self._attend(q_BHSd, k_BHTd, v_BHTU, mask_B1ST)
+        return self.o_proj(out_BHSU.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim)), probs_BHST
 
 
 # ------------------------------------------------------------------------------------------------------- MLP
@@ -223,8 +229,8 @@ class DeepseekV3TopkRouter(nn.Module):
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
-        # Tokens routed to each expert since the last reset (observability and the bias update); not saved.
-        # Filled by DeepseekV3MoE._dispatch, which counts them anyway.
+        # Tokens routed to each expert since the last reset (feeds update_expert_bias); not saved. Filled by
+        # DeepseekV3Model from the counts each MoE layer returns, in training forwards only (see _count_load).
         self.register_buffer("expert_load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x_MD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,7 +258,6 @@ class DeepseekV3MoE(nn.Module):
         super().__init__()
         self.gate = DeepseekV3TopkRouter(config)
         self.seq_aux, self.aux_loss_alpha = config.seq_aux, config.aux_loss_alpha
-        self.aux_loss: torch.Tensor | None = None
         self.experts = nn.ModuleList(
             DeepseekV3MLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
         )
@@ -262,15 +267,17 @@ class DeepseekV3MoE(nn.Module):
             else None
         )
 
-    def _dispatch(self, x_MD: torch.Tensor, idx_MK: torch.Tensor, weight_MK: torch.Tensor) -> torch.Tensor:
+    def _dispatch(
+        self, x_MD: torch.Tensor, idx_MK: torch.Tensor, weight_MK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Sort the M*K (token, expert) pairs by expert, run each expert that got tokens once on its contiguous
         # slice, scatter back weighted. Python loops only over the experts that were hit (<= M*K of them).
+        # Also returns the per-expert token counts (E,) it needs anyway: the load statistics.
         M, K = idx_MK.shape
         flat_idx = idx_MK.flatten()
         order = flat_idx.argsort(stable=True)
         token_of = order // K
         counts = torch.bincount(flat_idx, minlength=len(self.experts))
-        self.gate.expert_load += counts  # the router's load statistics, from the counts dispatch needs anyway
         active = counts.nonzero().flatten().tolist()
         x_sorted = x_MD[token_of]
         chunks = x_sorted.split(counts[active].tolist())
@@ -278,7 +285,7 @@ class DeepseekV3MoE(nn.Module):
         y_sorted = y_sorted.float() * weight_MK.flatten()[order, None]
         # Accumulate the K expert outputs of each token in fp32, no token dropping, no capacity limit.
         y_MD = torch.zeros(M, x_MD.shape[-1], dtype=torch.float32, device=x_MD.device)
-        return y_MD.index_add(0, token_of, y_sorted).to(x_MD.dtype)
+        return y_MD.index_add(0, token_of, y_sorted).to(x_MD.dtype), counts
 
     def _sequence_aux_loss(self, scores_ME: torch.Tensor, idx_MK: torch.Tensor, B: int) -> torch.Tensor:
         # DeepSeek-V3's complementary sequence-wise balance loss: per sequence, alpha * sum_e f_e * P_e with
@@ -291,22 +298,34 @@ class DeepseekV3MoE(nn.Module):
         )
         f_BE = routed_BE * E / (K * S)
         p_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
-        return self.aux_loss_alpha * (f_BE * p_BE).sum(-1).mean()
+        # Per sequence: the CausalLM normalises over the batch (sequence_aux_loss).
+        return self.aux_loss_alpha * (f_BE * p_BE).sum(-1)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns (y (B, S, D), sequence-wise balance loss per sequence (B,) or None, tokens per expert (E,)).
+        The loss and counts are outputs, not module state: under gradient checkpointing a value stored on the
+        module would come from a no-grad (reentrant) or repeated (recomputation) pass."""
         x_MD = x_BSD.reshape(-1, x_BSD.shape[-1])
         idx_MK, weight_MK, scores_ME = self.gate(x_MD)
-        # Only while training, when the config asks for it (seq_aux with aux_loss_alpha > 0); read by the CausalLM.
-        self.aux_loss = None
+        aux_B = None  # only while training, when the config asks for it (seq_aux with aux_loss_alpha > 0)
         if self.training and self.seq_aux and self.aux_loss_alpha > 0:
-            self.aux_loss = self._sequence_aux_loss(scores_ME, idx_MK, x_BSD.shape[0])
-        y_MD = self._dispatch(x_MD, idx_MK, weight_MK)
+            aux_B = self._sequence_aux_loss(scores_ME, idx_MK, x_BSD.shape[0])
+        y_MD, load_E = self._dispatch(x_MD, idx_MK, weight_MK)
         if self.shared_experts is not None:
             y_MD = y_MD + self.shared_experts(x_MD)
-        return y_MD.view_as(x_BSD)
+        return y_MD.view_as(x_BSD), aux_B, load_E
 
 
 # --------------------------------------------------------------------------------------------- decoder layer
+class LayerOutput(NamedTuple):
+    # A flat tuple of tensors, so reentrant gradient checkpointing (which returns a plain tuple: rebuild with
+    # LayerOutput(*out)) carries every output, and the aux loss's gradient, across the checkpointed region.
+    h_BSD: torch.Tensor
+    aux_B: torch.Tensor | None  # sequence-wise balance loss per sequence (MoE layers, training only)
+    load_E: torch.Tensor | None  # tokens routed to each expert (MoE layers)
+    attn_BHST: torch.Tensor | None  # attention probabilities (eager attention, output_attentions only)
+
+
 class DeepseekV3DecoderLayer(nn.Module):
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
@@ -321,9 +340,17 @@ class DeepseekV3DecoderLayer(nn.Module):
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask_B1ST: torch.Tensor | None,
         past_key_values: Cache | None = None,
-    ) -> torch.Tensor:
-        h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), rope_cos_sin, mask_B1ST, past_key_values)
-        return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
+        output_attentions: bool = False,
+    ) -> LayerOutput:
+        x_BSD = self.input_layernorm(h_BSD)
+        attn_BSD, probs_BHST = self.self_attn(x_BSD, rope_cos_sin, mask_B1ST, past_key_values)
+        h_BSD = h_BSD + attn_BSD
+        x_BSD = self.post_attention_layernorm(h_BSD)
+        if isinstance(self.mlp, DeepseekV3MoE):
+            mlp_BSD, aux_B, load_E = self.mlp(x_BSD)
+        else:
+            mlp_BSD, aux_B, load_E = self.mlp(x_BSD), None, None
+        return LayerOutput(h_BSD + mlp_BSD, aux_B, load_E, probs_BHST if output_attentions else None)
 
 
 # ------------------------------------------------------------------------------------------------- MTP layer
@@ -332,6 +359,9 @@ class DeepseekV3MTPHead(nn.Module):
         super().__init__()
         self.norm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h_BSD))
 
 
 class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
@@ -354,13 +384,14 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask_B1ST: torch.Tensor | None,
         past_key_values: Cache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_i)]) - embedding first, as in the official layout.
+        output_attentions: bool = False,
+    ) -> LayerOutput:
+        # h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_i)]) - embedding first, as in the official layout. The
+        # logits are self.shared_head(out.h_BSD), taken by the caller.
         x_BSD = self.eh_proj(
             torch.cat([self.enorm(self.embed_tokens(next_ids_BS)), self.hnorm(h_BSD)], dim=-1)
         )
-        out_BSD = super().forward(x_BSD, rope_cos_sin, mask_B1ST, past_key_values)
-        return out_BSD, self.shared_head.head(self.shared_head.norm(out_BSD))
+        return super().forward(x_BSD, rope_cos_sin, mask_B1ST, past_key_values, output_attentions)
 
 
 # ----------------------------------------------------------------------------------------------- base class
@@ -402,17 +433,43 @@ def _finish_fp8_load(model: nn.Module) -> None:
             for key, b in module._buffers.items():
                 if b is not None and not b.untyped_storage().resizable():
                     module._buffers[key] = b.clone()
+    # Offloaded modules (device_map "disk", or "cpu" beside a GPU) hold meta tensors here: accelerate's hook
+    # brings their weights in from the offload store (for "disk" the checkpoint's own shards) only for the
+    # module's own forward. They stay FP8Linear in both modes: the store keeps serving FP8 (half the bytes of
+    # BF16 per forward, and no dequantized copy of the offloaded weights written at every load), each forward
+    # dequantizes into the activation dtype (the model dtype, so the numbers are those of the dequantized Linear)
+    # and the scale is checked the first time the module runs (FP8Linear.unchecked_name).
+    dequantized, offloaded = [], []
     # By name, not over a list of modules: that list would keep every replaced FP8Linear (and its mapping) alive.
     for name in [n for n, m in model.named_modules() if isinstance(m, FP8Linear)]:
         module = model.get_submodule(name)
-        check_scale(prefix + name + ".weight", module.weight, module.weight_scale_inv, module.block)
-        if config.fp8_mode == "dequantize":
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.to_linear(dtype))
+        for key in FP8Linear.FROZEN:  # the loader hands every tensor out as trainable
+            getattr(module, key).requires_grad_(False)
+        if module.weight.is_meta or module.weight_scale_inv.is_meta:
+            module.unchecked_name = prefix + name + ".weight"
+            offloaded.append(prefix + name)
+        else:
+            check_scale(prefix + name + ".weight", module.weight, module.weight_scale_inv, module.block)
+            if config.fp8_mode == "dequantize":
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module.to_linear(dtype))
+                dequantized.append(prefix + name)
         del module
-    if config.fp8_mode == "dequantize":
+    if config.fp8_mode == "dequantize" and not offloaded:
         # The model in memory is no longer quantized; saving it writes a plain checkpoint.
         config.fp8_quantization_config = None
+    elif dequantized:
+        # Saving writes what is in memory: plain weights for the dequantized modules, FP8 for the offloaded ones.
+        # modules_to_not_convert names the plain ones by the shortest prefixes holding no FP8Linear (whole layers
+        # when whole layers are offloaded), so the saved folder reloads to this model.
+        holds_fp8 = {n.rsplit(".", i)[0] for n in offloaded for i in range(n.count(".") + 1)}
+        quant = config.fp8_quantization_config
+        plain = set(quant.get("modules_to_not_convert") or ())
+        for n in dequantized:
+            parts = n.split(".")
+            prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            plain.add(next(p for p in prefixes if p not in holds_fp8))
+        config.fp8_quantization_config = {**quant, "modules_to_not_convert": sorted(plain)}
 
 
 def _check_loading_info(source, model: nn.Module, info: dict) -> None:
@@ -467,6 +524,14 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def __init__(self, config: DeepseekV3Config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         config.auto_map = dict(AUTO_MAP)
+        # PEFT (>= 0.18 on transformers 5) reads `model.config.model_type` and, for "deepseek_v3", rewrites LoRA
+        # targets gate_proj/up_proj/down_proj into transformers' fused expert parameters, which this model (the
+        # official per-expert layout) does not have: LoRA would silently skip every MLP. transformers itself skips
+        # that conversion for remote code; PEFT does not. So the model's in-memory config reports its own type.
+        # Saved configs still say "deepseek_v3" (to_dict writes the class attribute), and so does a config read
+        # with AutoConfig (quantization tools key their model tables on that).
+        if config.model_type == DeepseekV3Config.model_type:
+            config.model_type = IN_MEMORY_MODEL_TYPE
 
     # ---- expert load and auxiliary-loss-free balancing (DeepSeek-V3 report, section 2.1.2) ----
     def routers(self) -> dict[int, "DeepseekV3TopkRouter"]:
@@ -484,6 +549,17 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def reset_expert_load(self) -> None:
         for router in self.routers().values():
             router.expert_load.zero_()
+
+    @contextlib.contextmanager
+    def measuring_expert_load(self):
+        """Count expert load in every forward inside the block, e.g. to measure balance on held-out data in eval
+        mode. Outside it only training forwards count (they feed update_expert_bias)."""
+        base = self.base_model
+        before, base.count_every_forward = base.count_every_forward, True
+        try:
+            yield self
+        finally:
+            base.count_every_forward = before
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: float = 0.001) -> None:
@@ -561,9 +637,21 @@ def attention_mask_4d(
     return mask | ~mask.any(-1, keepdim=True)
 
 
+def _sum_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+@dataclass
+class DeepseekV3ModelOutputWithPast(BaseModelOutputWithPast):
+    # Sequence-wise balance loss per sequence (B,), summed over the main stack's MoE layers (training only); the
+    # CausalLM normalises it over the batch like the lm loss (sequence_aux_loss).
+    aux_loss_per_seq: torch.FloatTensor | None = None
+
+
 class DeepseekV3Model(DeepseekV3PreTrainedModel):
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__(config)
+        self.count_every_forward = False  # expert load: see _count_load and measuring_expert_load
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         # Main stack 0..L-1, then the MTP module(s) at L..L+n-1 (official layout: layer 61 for V3).
         self.layers = nn.ModuleList(
@@ -587,10 +675,29 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
     def mtp_layers(self) -> list[DeepseekV3MTPLayer]:
         return [self.layers[i] for i in self.config.mtp_layer_indices]
 
-    def _run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
+    def _run_layer(self, layer: nn.Module, *args) -> LayerOutput:
         if self.gradient_checkpointing and self.training:
-            return self._gradient_checkpointing_func(layer.__call__, *args)
+            # Reentrant checkpointing hands back a plain tuple.
+            return LayerOutput(*self._gradient_checkpointing_func(layer.__call__, *args))
         return layer(*args)
+
+    def _count_load(self, layer: nn.Module, load_E: torch.Tensor | None) -> None:
+        # The counts feed the next update_expert_bias, so only training forwards count (not eval, not generate,
+        # which runs without grad), and each forward once: here, outside any checkpointed region, never in the
+        # recomputation (reentrant checkpointing runs the first pass without grad, so the layer cannot tell).
+        if load_E is not None and (self.count_every_forward or (self.training and torch.is_grad_enabled())):
+            layer.mlp.gate.expert_load += load_E
+
+    def _want_attentions(self, output_attentions: bool | None) -> bool:
+        want = self.config.output_attentions if output_attentions is None else output_attentions
+        impl = self.config._attn_implementation
+        if want and impl != "eager":
+            # transformers 5.23's own DeepseekV3 only warns here and returns no attentions; we refuse instead.
+            raise ValueError(
+                f"output_attentions=True needs eager attention ({impl!r} never materialises the probabilities): "
+                'load the model with attn_implementation="eager"'
+            )
+        return bool(want)
 
     def forward(
         self,
@@ -600,12 +707,17 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> DeepseekV3ModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
+        output_attentions = self._want_attentions(output_attentions)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputation would write the cache twice
@@ -618,19 +730,25 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids = self._position_ids(attention_mask, B, S, past, h_BSD.device)
         mask_B1ST = attention_mask_4d(attention_mask, B, S, past, h_BSD.device)
         rope_cos_sin = self.rotary_emb(position_ids)
-        all_hidden = []
+        all_hidden, all_attn, aux_B = [], [], None
         for layer in self.layers[: self.config.num_hidden_layers]:
             if output_hidden_states:
                 all_hidden.append(h_BSD)
-            h_BSD = self._run_layer(layer, h_BSD, rope_cos_sin, mask_B1ST, past_key_values)
+            out = self._run_layer(layer, h_BSD, rope_cos_sin, mask_B1ST, past_key_values, output_attentions)
+            h_BSD, aux_B = out.h_BSD, _sum_optional(aux_B, out.aux_B)
+            self._count_load(layer, out.load_E)
+            all_attn.append(out.attn_BHST)
         h_BSD = self.norm(h_BSD)
         if output_hidden_states:
             all_hidden.append(h_BSD)
-        return BaseModelOutputWithPast(
+        result = DeepseekV3ModelOutputWithPast(
             last_hidden_state=h_BSD,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            aux_loss_per_seq=aux_B,
         )
+        return result if return_dict else result.to_tuple()
 
     @staticmethod
     def _position_ids(
@@ -647,13 +765,14 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         h_BSD: torch.Tensor,
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Logits of every MTP depth k = 1..n over a full sequence (no cache): depth k at position i predicts
-        t_{i+k+1}; its logits have length S - k. `h_BSD` is the main model's last hidden state after its norm."""
+        t_{i+k+1}; its logits have length S - k. `h_BSD` is the main model's last hidden state after its norm.
+        Also returns the MTP layers' sequence-wise balance loss per sequence (B,) (training only, else None)."""
         B, S = input_ids.shape
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, B, S, 0, input_ids.device)
-        logits = []
+        logits, aux_B = [], None
         for k, layer in enumerate(self.mtp_layers, start=1):
             if S - k <= 0:
                 break
@@ -664,9 +783,11 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 pair_mask = attention_mask[:, : S - k].bool() & attention_mask[:, k:].bool()
             mask_B1ST = attention_mask_4d(pair_mask, B, S - k, 0, input_ids.device)
             rope_cos_sin = self.rotary_emb(position_ids[:, : S - k])
-            h_BSD, logits_k = self._run_layer(layer, input_ids[:, k:], h_BSD, rope_cos_sin, mask_B1ST, None)
-            logits.append(logits_k)
-        return logits
+            out = self._run_layer(layer, input_ids[:, k:], h_BSD, rope_cos_sin, mask_B1ST, None, False)
+            h_BSD, aux_B = out.h_BSD, _sum_optional(aux_B, out.aux_B)
+            self._count_load(layer, out.load_E)
+            logits.append(layer.shared_head(h_BSD))
+        return logits, aux_B
 
 
 @dataclass
@@ -683,9 +804,11 @@ class DeepseekV3CausalLMOutputWithPast(ModelOutput):
 
 
 def causal_lm_loss(
-    logits_BSV: torch.Tensor, labels_BS: torch.Tensor, num_items: int | None = None
+    logits_BSV: torch.Tensor, labels_BS: torch.Tensor, num_items: int | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Cross-entropy of logits at position i against labels[i + 1] (labels unshifted, -100 ignored)."""
+    """Cross-entropy of logits at position i against labels[i + 1] (labels unshifted, -100 ignored): the mean
+    over targets, or the sum / num_items (transformers.Trainer's `num_items_in_batch`: the targets of all the
+    micro-batches of one optimizer step, so that their losses add up to the full batch's mean)."""
     logits = logits_BSV[:, :-1].float().flatten(0, 1)
     target = labels_BS[:, 1:].flatten().to(logits.device)
     if num_items is None:
@@ -693,7 +816,45 @@ def causal_lm_loss(
     return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / num_items
 
 
+def mtp_lm_loss(
+    logits_per_depth: list[torch.Tensor], labels_BS: torch.Tensor, num_items: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over MTP depths of each depth's cross-entropy (depth k's logits at i predict labels[i + k + 1]), each
+    normalised by its own number of targets: depth k has fewer (labels[:, k + 1:]). With `num_items` (the main
+    loss's targets over all micro-batches) depth k's total is taken as num_items * n_k / n_1 from this
+    micro-batch's counts: the micro-batches then add up to the full batch's loss whenever they hold the same
+    share of targets at every depth (rows without padding or ignored labels; otherwise approximately)."""
+    labels_BS = labels_BS.to(logits_per_depth[0].device)
+    n_1 = (labels_BS[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+    per_depth = []
+    for k, logits_BSV in enumerate(logits_per_depth, start=1):
+        if num_items is None:
+            per_depth.append(causal_lm_loss(logits_BSV, labels_BS[:, k:]))
+        else:
+            n_k = (labels_BS[:, k + 1 :] != IGNORE_INDEX).sum().clamp(min=1)
+            per_depth.append(causal_lm_loss(logits_BSV, labels_BS[:, k:], num_items * n_k / n_1))
+    return torch.stack(per_depth).mean()
+
+
+def sequence_aux_loss(
+    aux_B: torch.Tensor, labels_BS: torch.Tensor | None, num_items: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """The batch's sequence-wise balance loss from its per-sequence values, normalised like the lm loss so that
+    it accumulates the same way: each sequence weighted by its number of next-token targets, over the batch's
+    total (`num_items` under gradient accumulation), so k micro-batches add up to the full batch's value. With
+    the same number of targets in every sequence this is the report's mean over sequences; without labels too."""
+    if labels_BS is None:
+        return aux_B.mean()
+    n_B = (labels_BS[:, 1:] != IGNORE_INDEX).sum(-1).to(aux_B)
+    total = n_B.sum().clamp(min=1) if num_items is None else num_items
+    return (aux_B * n_B).sum() / total
+
+
 class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    # Applied only when config.tie_word_embeddings is true (transformers reads this map); a tied checkpoint then
+    # needs no lm_head.weight. The MTP module's head and embedding are separate tensors on disk, never tied.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__(config)
         self.model = DeepseekV3Model(config)
@@ -724,19 +885,19 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mtp_loss_weight: float | None = None,
         output_mtp_logits: bool = False,
         **kwargs,
-    ) -> DeepseekV3CausalLMOutputWithPast:
+    ) -> DeepseekV3CausalLMOutputWithPast | tuple:
         """With `labels`: loss = lm_loss + mtp_loss_weight * mtp_loss (weight from the argument, else
         config.mtp_loss_weight; mtp_loss is the mean over MTP depths) + aux_loss (training only, when the config
-        has seq_aux and aux_loss_alpha > 0). `lm_loss` alone is the perplexity loss."""
-        if self.training:
-            for moe in self._moe_blocks():
-                moe.aux_loss = None  # only layers that run in this forward contribute
+        has seq_aux and aux_loss_alpha > 0). `lm_loss` alone is the perplexity loss. Every term is normalised
+        per target token, by `num_items_in_batch` when transformers.Trainer passes it (gradient accumulation)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -744,42 +905,41 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         h_BSD = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h_BSD[:, keep])
         num_items = kwargs.get("num_items_in_batch")
-        lm_loss = loss = mtp_loss = mtp_logits = None
+        lm_loss = loss = mtp_loss = mtp_logits = aux_loss = None
+        aux_B = out.aux_loss_per_seq
         if labels is not None:
             lm_loss = loss = causal_lm_loss(logits, labels, num_items)
         want_mtp = (labels is not None or output_mtp_logits) and input_ids is not None
         if want_mtp and self.config.num_nextn_predict_layers > 0:
-            mtp_logits = self.model.mtp_forward(input_ids, h_BSD, position_ids, attention_mask)
+            mtp_logits, mtp_aux_B = self.model.mtp_forward(input_ids, h_BSD, position_ids, attention_mask)
+            aux_B = _sum_optional(aux_B, mtp_aux_B)
             if labels is not None and mtp_logits:
-                # Depth k's logits at i predict labels[i + k + 1]: shift the labels by k, then the usual +1.
-                per_depth = [
-                    causal_lm_loss(lg, labels[:, k:], num_items) for k, lg in enumerate(mtp_logits, 1)
-                ]
-                mtp_loss = torch.stack(per_depth).mean()
+                mtp_loss = mtp_lm_loss(mtp_logits, labels, num_items)
                 weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
                 loss = lm_loss + weight * mtp_loss
-        aux_loss = None
-        if self.training:
-            terms = [moe.aux_loss for moe in self._moe_blocks() if moe.aux_loss is not None]
-            if terms:
-                aux_loss = torch.stack(terms).sum()
-                loss = loss + aux_loss if loss is not None else None
-        return DeepseekV3CausalLMOutputWithPast(
+        if aux_B is not None:
+            aux_loss = sequence_aux_loss(aux_B, labels, num_items)
+            loss = loss + aux_loss if loss is not None else None
+        result = DeepseekV3CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
+            attentions=out.attentions,
             lm_loss=lm_loss,
             mtp_loss=mtp_loss,
             aux_loss=aux_loss,
             mtp_logits=tuple(mtp_logits) if mtp_logits is not None else None,
         )
+        return result if return_dict else result.to_tuple()
 
 
 DeepseekV3Config.register_for_auto_class()

@@ -32,6 +32,44 @@ def test_both_rope_scaling_spellings_and_rope_parameters_agree():
     assert a.rope_parameters == b.rope_parameters == c.rope_parameters
 
 
+def test_official_rope_keys_win_over_rope_parameters_when_both_are_given():
+    # The rule: rope_scaling (as a whole) and rope_theta beat rope_parameters; rope_parameters fills what they leave.
+    stale = {**REAL_V3_ROPE_PARAMETERS, "rope_theta": 50000.0}
+    edited = {**REAL_V3_CONFIG["rope_scaling"], "factor": 8}
+    cfg = DeepseekV3Config(**real_config_kwargs(rope_scaling=edited, rope_theta=20000, rope_parameters=stale))
+    assert cfg.rope_parameters == {**REAL_V3_ROPE_PARAMETERS, "factor": 8.0, "rope_theta": 20000.0}
+    cfg = DeepseekV3Config(**real_config_kwargs(rope_scaling=edited, rope_theta=None, rope_parameters=stale))
+    assert cfg.rope_parameters["rope_theta"] == 50000.0  # the only theta given
+    cfg = DeepseekV3Config(**real_config_kwargs(rope_scaling=None, rope_theta=None, rope_parameters=stale))
+    assert cfg.rope_parameters == stale  # transformers-5 spelling alone
+
+
+def test_rope_attributes_normalise_on_assignment():
+    # from_pretrained(path, rope_scaling=..., rope_theta=...) assigns attributes after __init__.
+    cfg = DeepseekV3Config(**real_config_kwargs())
+    cfg.rope_scaling = {"type": "yarn", "factor": 2}
+    assert cfg.rope_parameters == {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 2.0,
+        "original_max_position_embeddings": 163840,  # max_position_embeddings, as transformers' own default
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.0,
+    }
+    cfg.rope_theta = 5e5
+    assert cfg.rope_parameters["rope_theta"] == 5e5 and cfg.rope_scaling["factor"] == 2.0
+    cfg.rope_scaling = None
+    assert cfg.rope_parameters == {"rope_type": "default", "rope_theta": 5e5} and cfg.rope_scaling is None
+    cfg.rope_parameters = {"rope_type": "yarn", "factor": 4, "rope_theta": 1e4}
+    assert cfg.rope_scaling["factor"] == 4.0 and cfg.rope_scaling["mscale"] == 1.0
+    with pytest.raises(ValueError, match="^rope_scaling.factor:"):
+        cfg.rope_scaling = {"type": "yarn"}
+    out = cfg.to_dict()
+    assert "rope_parameters" not in out and out["rope_theta"] == 1e4 and out["rope_scaling"]["type"] == "yarn"
+
+
 def test_config_round_trips_and_is_read_by_transformers_native(tmp_path):
     from transformers import DeepseekV3Config as NativeConfig
 

@@ -173,7 +173,7 @@ def test_moe_dispatch_matches_dense_sum_over_experts():
     moe = model.model.layers[1].mlp
     x = torch.randn(2, 9, 256, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        got = moe(x)
+        got, aux, load = moe(x)
         x2 = x.view(-1, 256)
         idx, w, _ = moe.gate(x2)
         ref = moe.shared_experts(x2).double()
@@ -181,6 +181,8 @@ def test_moe_dispatch_matches_dense_sum_over_experts():
             weight_e = (w * (idx == e)).sum(-1, keepdim=True).double()  # 0 for tokens not routed to e
             ref += weight_e * expert(x2).double()
     assert (got.view(-1, 256).double() - ref).abs().max().item() <= 1e-5
+    assert aux is None  # eval mode: no balance loss
+    assert torch.equal(load, torch.bincount(idx.flatten(), minlength=16))  # tokens per expert, as dispatched
 
 
 def test_yarn_frequencies_and_softmax_scale_follow_the_reference():
@@ -224,7 +226,7 @@ def test_mtp_loss_is_cross_entropy_of_mtp_head_two_tokens_ahead():
         cos_sin = model.model.rotary_emb(torch.arange(11)[None].expand(2, 11))
         from modeling_deepseek.modeling_deepseek import DeepseekV3DecoderLayer, attention_mask_4d
 
-        y = DeepseekV3DecoderLayer.forward(mtp, x, cos_sin, attention_mask_4d(None, 2, 11, 0, x.device))
+        y = DeepseekV3DecoderLayer.forward(mtp, x, cos_sin, attention_mask_4d(None, 2, 11, 0, x.device)).h_BSD
         logits = mtp.shared_head.head(mtp.shared_head.norm(y))
         # position i predicts token i + 2
         ref = F.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 2:].reshape(-1))
