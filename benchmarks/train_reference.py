@@ -154,7 +154,8 @@ def evaluate(model: DeepseekV3ForCausalLM, test_ids: torch.Tensor, max_tokens: i
     nll, mtp_hits, mtp_total, count = 0.0, 0, 0, 0
     for i in range(0, len(chunks), 16):
         ids = chunks[i : i + 16]
-        out = model(ids, labels=ids)
+        with model.measuring_expert_load():  # eval forwards are not counted unless asked for
+            out = model(ids, labels=ids)
         tokens = ids[:, 1:].numel()
         nll += out.lm_loss.item() * tokens
         count += tokens
