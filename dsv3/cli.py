@@ -119,6 +119,31 @@ def bf16_to_fp8(
     typer.echo(run(src, dst, block_size, scale_fmt, workers or None, force).summary())
 
 
+quantize_app = typer.Typer(
+    no_args_is_help=True, help="Quantize checkpoints to integer formats transformers and vLLM load."
+)
+app.add_typer(quantize_app, name="quantize")
+
+
+@quantize_app.command("int8")
+@_friendly
+def quantize_int8(
+    src: str = typer.Argument(..., help="FP8 or BF16/FP16/FP32 checkpoint folder or Hub repo id (never modified)."),
+    dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
+    workers: int = typer.Option(0, help="Compute threads (0 = the converter's default); a separate thread writes."),
+    force: bool = typer.Option(False, help="Write into a non-empty destination (removes only our own files)."),
+):
+    """INT8 W8A8 in compressed-tensors `int-quantized` format: int8 weights per output channel, int8 activations
+    per token at run time. Data-free and streamed shard by shard (FP8 sources dequantized on the fly). Router,
+    embeddings, lm_head, norms and the MTP module's eh_proj / shared head stay as they are.
+
+    Example: dsv3 quantize int8 ~/models/DeepSeek-V3 ~/models/DeepSeek-V3-int8
+    """
+    from convert.quantize import quantize_int8 as run
+
+    typer.echo(run(src, dst, workers or None, force).summary())
+
+
 @app.command("install-code")
 @_friendly
 def install_code(

@@ -5,6 +5,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .quantized import INT_QUANT_METHODS, validate_quant_config
+
 # Every checkpoint we save names these classes in config.json's auto_map, like the official repositories do.
 AUTO_MAP = {
     "AutoConfig": "configuration_deepseek.DeepseekV3Config",
@@ -197,6 +199,13 @@ class DeepseekV3Config(PretrainedConfig):
         if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
             kwargs.pop("quantization_config")
             self.fp8_quantization_config = _validate_fp8(quant)
+        # Integer formats (compressed-tensors int-quantized / pack-quantized, GPTQ v1) likewise load into our own
+        # quantized linears (modeling_deepseek/quantized.py), which keep the weights packed in memory, with or
+        # without compressed-tensors installed; transformers' quantizer would decompress them to dense.
+        self.int_quantization_config = None
+        if isinstance(quant, dict) and quant.get("quant_method") in INT_QUANT_METHODS:
+            kwargs.pop("quantization_config")
+            self.int_quantization_config = validate_quant_config(quant)
         if fp8_mode not in ("dequantize", "keep"):
             raise ValueError(f"fp8_mode: choose 'dequantize' or 'keep', got {fp8_mode!r}")
         self.fp8_mode = fp8_mode
@@ -221,9 +230,10 @@ class DeepseekV3Config(PretrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         fp8 = out.pop("fp8_quantization_config", None)
+        integer = out.pop("int_quantization_config", None)
         out.pop("fp8_mode", None)  # a load-time choice, not a property of the checkpoint
-        if fp8 is not None:
-            out["quantization_config"] = fp8
+        if fp8 is not None or integer is not None:
+            out["quantization_config"] = fp8 if fp8 is not None else integer
         # Only the official spelling, as in DeepSeek's config.json: one copy of the RoPE setup, so editing it in
         # the file takes effect. transformers (native DeepseekV3 too) reads `rope_scaling` into rope_parameters.
         out.pop("rope_parameters", None)

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_deepseek import AUTO_MAP, IN_MEMORY_MODEL_TYPE, DeepseekV3Config, layer_index
 from .fp8 import FP8Linear, check_scale, is_fp8_linear
+from .quantized import QUANTIZED_LINEARS, make_quantized_linear
 
 IGNORE_INDEX = -100
 
@@ -412,6 +413,26 @@ def _swap_in_fp8_linears(root: nn.Module, prefix: str, config: DeepseekV3Config)
             setattr(root.get_submodule(parent), child, fp8)
 
 
+def _swap_in_int_linears(root: nn.Module, prefix: str, config: DeepseekV3Config) -> None:
+    # Build-time, like the FP8 swap: each Linear the quantization config targets becomes the quantized module of
+    # its format (a dispatch in quantized.make_quantized_linear), so the loader fills the packed tensors as stored.
+    for name, module in list(root.named_modules()):
+        if isinstance(module, nn.Linear):
+            quantized = make_quantized_linear(config.int_quantization_config, prefix + name, module)
+            if quantized is not None:
+                parent, _, child = name.rpartition(".")
+                setattr(root.get_submodule(parent), child, quantized)
+
+
+def _freeze_int_linears(model: nn.Module) -> None:
+    # transformers marks every loaded tensor trainable; integer weights and their scales are the checkpoint.
+    for module in model.modules():
+        if isinstance(module, QUANTIZED_LINEARS):
+            for key, p in module.named_parameters(recurse=False):
+                if key != "bias":
+                    p.requires_grad_(False)
+
+
 @torch.no_grad()
 def _finish_fp8_load(model: nn.Module) -> None:
     # Load-time: validate every scale, then (fp8_mode "dequantize") replace each FP8Linear by a plain Linear in
@@ -589,6 +610,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             info = {**info, "mismatched_keys": []}
         _check_loading_info(pretrained_model_name_or_path, model, info)
         _finish_fp8_load(model)
+        _freeze_int_linears(model)
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -663,6 +685,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.gradient_checkpointing = False
         if config.fp8_quantization_config is not None:
             _swap_in_fp8_linears(self, "model.", config)
+        if config.int_quantization_config is not None:
+            _swap_in_int_linears(self, "model.", config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PACK_BITS = (4, 8)
+INT_QUANT_METHODS = ("compressed-tensors", "gptq")
 COMPRESSED_FORMATS = ("int-quantized", "pack-quantized")
 
 

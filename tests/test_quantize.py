@@ -1,0 +1,114 @@
+"""INT8 W8A8 checkpoints (compressed-tensors int-quantized): written shard by shard from FP8 or BF16 sources, loaded
+with int8 weights kept in memory, and read the same way by transformers' own compressed-tensors path."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from convert.checkpoint import CheckpointError, CheckpointReader
+from convert.quantize import quantize_int8
+from convert.tiny import build_tiny
+from modeling_deepseek.fp8 import FP8_DTYPE, blockwise_dequant, is_fp8_linear
+from modeling_deepseek.quantized import int8_channel_quant
+
+
+def _is_int8_linear(module) -> bool:
+    # Remote code runs from the checkpoint's copy of quantized.py: a different class object than ours.
+    return type(module).__name__ == "Int8Linear"
+
+
+@pytest.fixture(scope="module")
+def int8_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    out = {}
+    for kind in ("bf16", "fp8"):
+        src = build_tiny(root / f"src-{kind}", "v3", fp8=kind == "fp8")
+        out[kind] = (src, quantize_int8(src, root / f"int8-from-{kind}").dst)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_int8_checkpoint_quantizes_each_projection_per_channel_and_passes_the_rest_through(int8_pair, kind):
+    src_dir, dst_dir = int8_pair[kind]
+    src, dst = CheckpointReader(src_dir), CheckpointReader(dst_dir)
+    quantized = 0
+    for name in src:
+        t = src.get(name)
+        if name.endswith("_scale_inv"):
+            assert name not in dst
+            continue
+        if name.endswith(".weight") and is_fp8_linear(name.removesuffix(".weight")) and t.dim() == 2:
+            w = blockwise_dequant(t, src.get(name + "_scale_inv"), torch.float32) if t.dtype == FP8_DTYPE else t
+            q, scale = int8_channel_quant(w)
+            assert torch.equal(dst.get(name), q), name
+            assert torch.equal(dst.get(name.removesuffix("weight") + "weight_scale"), scale), name
+            quantized += 1
+        else:  # router, norms, embeddings, lm_head, eh_proj, the MTP head, the fp32 bias: byte-identical
+            out = dst.get(name)
+            assert out.dtype == t.dtype and torch.equal(out.view(torch.uint8), t.view(torch.uint8)), name
+    assert quantized == 176  # every projection of the 3 decoder layers and the MTP block
+    config = json.loads((dst_dir / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["format"] == "int-quantized"
+    group = quant["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["dynamic"] is True
+    assert "re:.*mlp\\.gate$" in quant["ignore"] and "lm_head" in quant["ignore"]
+
+
+def test_int8_model_keeps_int8_weights_in_memory_and_stays_close_to_bf16(int8_pair):
+    src_dir, dst_dir = int8_pair["bf16"]
+    ref = AutoModelForCausalLM.from_pretrained(src_dir, trust_remote_code=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(dst_dir, trust_remote_code=True, dtype=torch.float32)
+    linears = [m for m in model.modules() if _is_int8_linear(m)]
+    assert len(linears) == 176 and all(m.weight.dtype == torch.int8 for m in linears)
+    assert not model.model.layers[1].mlp.gate.weight.dtype == torch.int8  # the router stays as it was
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, model(ids).logits
+    # A random MoE is the worst case (a rounding step can flip an expert choice); still the argmax mostly agrees.
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+    assert (a - b).abs().mean() < 0.1 * a.abs().mean()
+
+
+def test_int8_checkpoint_loads_the_same_through_transformers_compressed_tensors(int8_pair):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is an optional dependency")
+    _, dst_dir = int8_pair["fp8"]
+    ours = AutoModelForCausalLM.from_pretrained(dst_dir, trust_remote_code=True, dtype=torch.float32)
+    # Hand the quantization config to transformers' own quantizer: it decompresses into plain Linears and
+    # fake-quantizes activations per token with compressed-tensors' code.
+    config = AutoConfig.from_pretrained(dst_dir, trust_remote_code=True)
+    config.quantization_config, config.int_quantization_config = config.int_quantization_config, None
+    theirs = AutoModelForCausalLM.from_pretrained(dst_dir, config=config, trust_remote_code=True, dtype=torch.float32)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs(ids)  # compressed-tensors decompresses on the first forward
+        gen = torch.Generator().manual_seed(2)
+        checked = 0
+        for name, module in ours.named_modules():
+            if _is_int8_linear(module):
+                checked += 1
+                other = theirs.get_submodule(name)
+                assert torch.equal(other.weight.float(), module.dequantized_weight(torch.float32)), name
+                x = torch.randn(2, 3, module.in_features, generator=gen)  # (B, S, in), as in the model
+                y, y_ref = module(x), other(x)
+                assert (y - y_ref).abs().max() <= 1e-5 * y_ref.abs().max(), name
+    assert checked == 176
+
+
+def test_int8_refuses_an_already_quantized_source_and_nan_weights(int8_pair, tmp_path):
+    _, dst_dir = int8_pair["bf16"]
+    with pytest.raises(CheckpointError, match="already quantized \\(compressed-tensors\\)"):
+        quantize_int8(dst_dir, tmp_path / "again")
+    src = build_tiny(tmp_path / "nan", "moonlight")
+    from safetensors.torch import load_file, save_file
+
+    reader = CheckpointReader(src)
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    shard = src / reader.weight_map[name]
+    tensors = load_file(shard)
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{name} contains NaN or Inf"):
+        quantize_int8(src, tmp_path / "out")
