@@ -40,7 +40,11 @@ def test_int8_checkpoint_quantizes_each_projection_per_channel_and_passes_the_re
             assert name not in dst
             continue
         if name.endswith(".weight") and is_fp8_linear(name.removesuffix(".weight")) and t.dim() == 2:
-            w = blockwise_dequant(t, src.get(name + "_scale_inv"), torch.float32) if t.dtype == FP8_DTYPE else t
+            w = (
+                blockwise_dequant(t, src.get(name + "_scale_inv"), torch.float32)
+                if t.dtype == FP8_DTYPE
+                else t
+            )
             q, scale = int8_channel_quant(w)
             assert torch.equal(dst.get(name), q), name
             assert torch.equal(dst.get(name.removesuffix("weight") + "weight_scale"), scale), name
@@ -80,7 +84,9 @@ def test_int8_checkpoint_loads_the_same_through_transformers_compressed_tensors(
     # fake-quantizes activations per token with compressed-tensors' code.
     config = AutoConfig.from_pretrained(dst_dir, trust_remote_code=True)
     config.quantization_config, config.int_quantization_config = config.int_quantization_config, None
-    theirs = AutoModelForCausalLM.from_pretrained(dst_dir, config=config, trust_remote_code=True, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        dst_dir, config=config, trust_remote_code=True, dtype=torch.float32
+    )
     ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs(ids)  # compressed-tensors decompresses on the first forward
@@ -112,3 +118,86 @@ def test_int8_refuses_an_already_quantized_source_and_nan_weights(int8_pair, tmp
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"{name} contains NaN or Inf"):
         quantize_int8(src, tmp_path / "out")
+
+
+def _write_kimi_style_w4a16(tmp_path, group: int = 32):
+    """A tiny checkpoint in exactly the layout of Kimi-K2-Thinking's INT4 release: routed experts int4 group-32
+    pack-quantized, attention / shared experts / dense MLP / lm_head in BF16 (regex ignore list); plus the same
+    model with the experts replaced by their dequantized weights, the exact reference."""
+    from convert.tiny import random_tiny_model, write_official_layout
+    from modeling_deepseek.quantized import dequant_groups, group_rtn_quant, pack_int32
+
+    # BF16 values held in fp32, so that the reference can hold q * scale exactly (bf16 could not).
+    model = random_tiny_model("kimi", seed=3).to(torch.bfloat16).float()
+    packed: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if ".mlp.experts." in name and isinstance(module, torch.nn.Linear):
+                q, scale = group_rtn_quant(module.weight, 4, group)
+                packed[name + ".weight_packed"] = pack_int32(q, 4)
+                packed[name + ".weight_scale"] = scale
+                packed[name + ".weight_shape"] = torch.tensor(module.weight.shape)
+                module.weight.copy_(dequant_groups(q, scale))
+    ref_dir, q_dir = tmp_path / "dequantized", tmp_path / "w4a16"
+    write_official_layout(model, ref_dir, dtype=torch.float32)
+    config = model.config.to_dict()
+    config["model_type"] = "kimi_k2"
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": group,
+                    "dynamic": False,
+                    "actorder": None,
+                },
+                "input_activations": None,
+            }
+        },
+        "ignore": [
+            "lm_head",
+            "re:.*self_attn.*",
+            "re:.*shared_experts.*",
+            "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+            "re:.*eh_proj$",
+            "re:.*shared_head\\.head$",
+        ],
+    }
+    from convert.checkpoint import ShardWriter, atomic_write_json, copy_remote_code, with_auto_map
+
+    writer = ShardWriter(q_dir, max_shard_bytes=2**20)
+    for name, t in model.state_dict().items():
+        module = name.removesuffix(".weight")
+        if module + ".weight_packed" in packed:
+            for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+                writer.add(f"{module}.{suffix}", packed[f"{module}.{suffix}"])
+        else:
+            writer.add(name, t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16))
+    writer.close()
+    atomic_write_json(q_dir / "config.json", with_auto_map(config))
+    copy_remote_code(q_dir)
+    return ref_dir, q_dir
+
+
+def test_kimi_style_int4_checkpoint_stays_packed_and_matches_its_dequantized_weights(tmp_path):
+    ref_dir, q_dir = _write_kimi_style_w4a16(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir, trust_remote_code=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(q_dir, trust_remote_code=True, dtype=torch.float32)
+    packed = {n: m for n, m in model.named_modules() if type(m).__name__ == "PackedLinear"}
+    assert packed and all(".mlp.experts." in n for n in packed)  # the ignore regexes kept the rest dense
+    assert len(packed) == 3 * 12  # 1 MoE layer x 12 experts x gate/up/down
+    assert type(model.model.layers[1].self_attn.q_b_proj).__name__ == "Linear"
+    quant_bytes = sum(p.numel() * p.element_size() for m in packed.values() for p in m.parameters())
+    bf16_bytes = sum(m.in_features * m.out_features * 2 for m in packed.values())
+    assert quant_bytes <= 0.3 * bf16_bytes, (quant_bytes, bf16_bytes)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert json.loads((q_dir / "config.json").read_text())["model_type"] == "kimi_k2"
