@@ -175,9 +175,33 @@ def run_demo(workdir: str | Path, log: Callable[[str], None] = print) -> dict:
         f"process through the Auto classes: {results['reload_params']:,} parameters"
     )
 
+    # 8. INT8 W8A8 (compressed-tensors int-quantized), straight from the FP8 shards; loaded with int8 weights.
+    results.update(_int8_step(fp8_dir, workdir / "tiny-v3-int8", model, ids, log))
+
     results["seconds"] = time.perf_counter() - t0
     log(f"done in {results['seconds']:.1f}s; everything is in {workdir}")
     return results
+
+
+def _int8_step(fp8_dir: Path, out: Path, bf16_model, ids: torch.Tensor, log) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from convert.quantize import quantize_int8
+
+    report = quantize_int8(fp8_dir, out)
+    int8 = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    linears = [m for m in int8.modules() if type(m).__name__ == "Int8Linear"]
+    int8_bytes = sum(p.numel() * p.element_size() for m in linears for p in m.parameters())
+    bf16_bytes = sum(m.in_features * m.out_features * 2 for m in linears)
+    with torch.no_grad():
+        a, b = bf16_model(ids).logits, int8(ids).logits
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    log(
+        f"[8] quantize int8 (W8A8, from the FP8 shards): {report.summary().split(': ', 1)[1]}\n"
+        f"    {len(linears)} int8 linears kept int8 in memory ({int8_bytes / bf16_bytes:.2f}x their BF16 bytes); "
+        f"top-1 agreement with BF16 {agree:.0%} (random weights: a format check, not a quality number)"
+    )
+    return {"int8_linears": len(linears), "int8_memory_vs_bf16": int8_bytes / bf16_bytes, "int8_top1_agree": agree}
 
 
 def _expand(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
