@@ -1,13 +1,18 @@
-"""Checkpoint folders: read tensors through the index, write shards atomically, copy the side files."""
+"""Checkpoint folders: read tensors through the index, write shards atomically, copy the side files.
+
+Every file is written as `<name>.tmp`, fsynced, renamed over `<name>`, and the folder fsynced after the rename: a
+crash leaves either the old file, the complete new one, or a `.tmp` that the next run removes, never a short file
+under a final name. Files get the user's umask (0o666 & ~umask), whatever the library underneath does.
+"""
 
 import errno
 import json
 import math
 import os
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +43,69 @@ class CheckpointError(ValueError):
     """A checkpoint problem, worded as one line that names the file and tensor."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _reason(err: OSError) -> str:
+    return "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+
+
+def fsync_dir(folder: Path) -> None:
+    # Makes the renames inside `folder` durable. Some filesystems cannot fsync a directory (EINVAL): nothing to do.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def current_umask() -> int:
+    try:  # Linux >= 4.7 reports it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def create_new(tmp: Path):
+    """Open `tmp` for writing, truncated, mode 0o666 & ~umask. O_NOFOLLOW: a symlink planted under one of our
+    temporary names cannot redirect the write outside the folder."""
+    return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "wb")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with create_new(tmp) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write ({_reason(err)})") from None
+    except BaseException:  # KeyboardInterrupt / SIGTERM: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def copy_file_atomic(source: Path, target: Path) -> None:
+    try:
+        data = source.read_bytes()  # side files and remote code are small (tokenizer.json: a few MB)
+    except OSError as err:
+        raise CheckpointError(f"{source}: cannot read ({_reason(err)})") from None
+    atomic_write_bytes(target, data)
 
 
 def read_config(folder: Path) -> dict:
@@ -58,6 +118,22 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({err})") from None
 
 
+def _check_weight_map(index: Path, weight_map) -> dict[str, str]:
+    # Shard names come from a file we did not write: each must be a plain *.safetensors name in this folder (no
+    # separator, no "..", not absolute), or a converter would read from, and write to, paths outside its folders.
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map is not an object")
+    for name, file in weight_map.items():
+        plain = (
+            isinstance(file, str) and file == os.path.basename(file) and "\\" not in file and "\0" not in file
+        )
+        if not (plain and file.endswith(".safetensors") and file not in (".", "..")):
+            raise CheckpointError(
+                f"{index}: weight_map entry {name} -> {file!r} is not a .safetensors file name in this folder"
+            )
+    return weight_map
+
+
 class CheckpointReader:
     """Tensors of a safetensors checkpoint by name, through the index's weight map (so a scale that lives in
     another shard is found), opening each shard lazily."""
@@ -68,20 +144,33 @@ class CheckpointReader:
         index = self.folder / INDEX_NAME
         if index.is_file():
             try:
-                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+            self.weight_map: dict[str, str] = _check_weight_map(index, weight_map)
         elif (self.folder / SINGLE_NAME).is_file():
             self.weight_map = {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
         else:
             raise CheckpointError(f"{self.folder}: no {INDEX_NAME} or {SINGLE_NAME}")
+        self._by_shard: dict[str, list[str]] = {}
+        for name, shard in self.weight_map.items():
+            self._by_shard.setdefault(shard, []).append(name)
 
     @property
     def shards(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
+        return sorted(self._by_shard)
 
     def names_in(self, shard: str) -> list[str]:
-        return [name for name, file in self.weight_map.items() if file == shard]
+        """The index's names for this shard; a tensor the shard holds but the index does not list is an error
+        (a converter would otherwise drop it silently)."""
+        names = self._by_shard.get(shard, [])
+        extra = sorted(set(self._open(shard).keys()) - set(names))
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CheckpointError(
+                f"{self.folder / shard}: holds {extra[0]}{more}, which {INDEX_NAME} does not list"
+            )
+        return list(names)
 
     def _open(self, shard: str):
         if shard not in self._handles:
@@ -156,6 +245,7 @@ class ShardWriter:
             shard = f"model-{i:05d}-of-{n:05d}.safetensors"
             os.replace(path, self.folder / shard)
             weight_map.update(dict.fromkeys(names, shard))
+        fsync_dir(self.folder)
         index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_json(self.folder / INDEX_NAME, index)
         return index
@@ -163,13 +253,29 @@ class ShardWriter:
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        # safetensors creates its files 0600; ours follow the umask like every other file we write.
+        os.chmod(tmp, 0o666 & ~current_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write ({_reason(err)})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 RING_MAX_BYTES = 512 * 2**20  # larger tensors (embeddings, lm_head) get a buffer of their own
+# Every dtype safetensors can name: a tensor a converter passes through keeps its own.
 SAFETENSORS_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
     torch.bfloat16: "BF16",
     torch.float16: "F16",
     torch.float32: "F32",
@@ -180,7 +286,11 @@ SAFETENSORS_DTYPES = {
     torch.int32: "I32",
     torch.int64: "I64",
     torch.bool: "BOOL",
+    torch.complex64: "C64",
 }
+for _bits in (16, 32, 64):  # torch >= 2.3
+    if hasattr(torch, f"uint{_bits}"):
+        SAFETENSORS_DTYPES[getattr(torch, f"uint{_bits}")] = f"U{_bits}"
 
 
 @dataclass
@@ -198,21 +308,8 @@ class PlannedTensor:
         return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
 
 
-_ITEMSIZE = {name: torch.empty(0, dtype=dtype).element_size() for dtype, name in SAFETENSORS_DTYPES.items()}
-
-
-def shard_tensor_bytes(path: Path) -> dict[str, int]:
-    """name -> bytes of every tensor in a finished shard, from its header alone."""
-    with safe_open(path, framework="pt") as f:
-        return {
-            k: math.prod(f.get_slice(k).get_shape()) * _ITEMSIZE[f.get_slice(k).get_dtype()] for k in f.keys()
-        }
-
-
-def write_shard_streaming(path: Path, planned: list[PlannedTensor]) -> dict[str, int]:
-    """Write a safetensors file without holding it in memory: the header first (every shape is planned), then
-    each tensor's bytes as soon as it is computed, by a writer thread while the next tensor computes. Written
-    under a temporary name and renamed when complete. Returns name -> bytes."""
+def shard_header(planned: list[PlannedTensor]) -> bytes:
+    """The exact bytes a streamed shard starts with: 8-byte little-endian header length, then the JSON header."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in planned:
@@ -224,7 +321,87 @@ def write_shard_streaming(path: Path, planned: list[PlannedTensor]) -> dict[str,
         offset += t.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format allows trailing spaces; keeps the data 8-byte aligned
+    return len(head).to_bytes(8, "little") + head
+
+
+def shard_is_complete(path: Path, planned: list[PlannedTensor]) -> bool:
+    """Whether `path` is the shard `planned` describes, written to the end: its header bytes are exactly the
+    planned ones (same names, dtypes, shapes, offsets) and its size is header + every tensor's bytes. A file with
+    a final name but short (a crash between rename and writeback) or from another job fails this and is redone."""
+    head = shard_header(planned)
+    try:
+        if path.stat().st_size != len(head) + sum(t.nbytes for t in planned):
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(head)) == head
+    except OSError:
+        return False
+
+
+def write_shard_streaming(
+    path: Path, planned: list[PlannedTensor], commit: Callable[[Path, Path], None] | None = None
+) -> dict[str, int]:
+    """Write a safetensors file without holding it in memory: the header first (every shape is planned), then
+    each tensor's bytes as soon as it is computed, by a writer thread while the next tensor computes. Written
+    under a temporary name, then `commit(tmp, path)` (default: commit_file, here and now; a BackgroundCommit
+    does it while the caller computes the next shard). Returns name -> bytes."""
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        with create_new(tmp) as f:
+            f.write(shard_header(planned))
+            _stream_tensors(f, path, planned)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write ({_reason(err)})") from None
+    except BaseException:  # a bad tensor, KeyboardInterrupt, SIGTERM: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+    (commit or commit_file)(tmp, path)
+    return {t.name: t.nbytes for t in planned}
+
+
+def commit_file(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it to `path`, fsync the folder: a final name only ever points at data on disk."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write ({_reason(err)})") from None
+
+
+class BackgroundCommit:
+    """Commits written shards (commit_file) in a background thread so the next shard computes while the disk
+    catches up with the last one. At most one commit is pending (a new one first waits for it), so the overlap
+    is one shard and a failure surfaces by the next shard. `close()` waits for the pending commit, on success and
+    on error alike: an interrupted job leaves final shards and no temporary file from this side."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self._pending: Future | None = None
+
+    def __call__(self, tmp: Path, path: Path) -> None:
+        self.wait()
+        self._pending = self._pool.submit(commit_file, tmp, path)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # re-raises the commit's CheckpointError here, in the caller's thread
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _stream_tensors(f, path: Path, planned: list[PlannedTensor]) -> None:
     pending: queue.Queue = queue.Queue(maxsize=2)  # at most two computed tensors wait for the disk
     failure: list[BaseException] = []
     # Output buffers are reused round-robin: fresh allocations would pay a page fault per 4 KiB on first touch.
@@ -239,7 +416,7 @@ def write_shard_streaming(path: Path, planned: list[PlannedTensor]) -> dict[str,
             slot = ring[i % len(ring)] = torch.empty(t.nbytes, dtype=torch.uint8)
         return slot[: t.nbytes].view(t.dtype).view(t.shape)
 
-    def writer(f) -> None:
+    def writer() -> None:
         while (chunk := pending.get()) is not None:
             if not failure:
                 try:
@@ -247,75 +424,68 @@ def write_shard_streaming(path: Path, planned: list[PlannedTensor]) -> dict[str,
                 except BaseException as err:  # reported by the main thread
                     failure.append(err)
 
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
     try:
-        with open(tmp, "wb") as f:
-            f.write(len(head).to_bytes(8, "little") + head)
-            thread = threading.Thread(target=writer, args=(f,), daemon=True)
-            thread.start()
-            try:
-                for i, t in enumerate(planned):
-                    data = t.make(buffer(i, t))
-                    if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
-                        raise CheckpointError(
-                            f"{path}: {t.name} came out {data.dtype} {list(data.shape)}, "
-                            f"planned {t.dtype} {list(t.shape)}"
-                        )
-                    pending.put(memoryview(data.contiguous().view(torch.uint8).flatten().numpy()))
-                    if failure:
-                        break
-            finally:
-                pending.put(None)
-                thread.join()
+        for i, t in enumerate(planned):
+            data = t.make(buffer(i, t))
+            if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
+                raise CheckpointError(
+                    f"{path}: {t.name} came out {data.dtype} {list(data.shape)}, planned {t.dtype} {list(t.shape)}"
+                )
+            pending.put(memoryview(data.contiguous().view(torch.uint8).flatten().numpy()))
             if failure:
-                raise failure[0]
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise CheckpointError(f"{path}: no space left on the device") from None
-        raise CheckpointError(f"{path}: cannot write ({err.strerror or err})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {t.name: t.nbytes for t in planned}
+                break
+    finally:
+        pending.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in SIDE_FILES:
         if (src / name).is_file():
-            tmp = dst / (name + ".tmp")
-            shutil.copyfile(src / name, tmp)
-            os.replace(tmp, dst / name)
+            copy_file_atomic(src / name, dst / name)
             copied.append(name)
     return copied
 
 
 def copy_remote_code(dst: Path) -> None:
     for name in REMOTE_CODE_FILES:
-        tmp = dst / (name + ".tmp")
-        shutil.copyfile(REMOTE_CODE_DIR / name, tmp)
-        os.replace(tmp, dst / name)
+        copy_file_atomic(REMOTE_CODE_DIR / name, dst / name)
 
 
 def with_auto_map(config: dict) -> dict:
     return {**config, "auto_map": dict(AUTO_MAP)}
 
 
+def _already_ours(path: Path) -> bool:
+    # A file that already is what we would write: our remote code byte for byte, or a config.json that already
+    # carries our auto_map. Backing it up would keep our own file as the "original".
+    if path.name == "config.json":
+        return read_config(path.parent) == with_auto_map(read_config(path.parent))
+    return path.read_bytes() == (REMOTE_CODE_DIR / path.name).read_bytes()
+
+
 def install_remote_code(folder: str | os.PathLike) -> list[str]:
     """Put our remote-code files and auto_map into an existing checkpoint folder (e.g. an official download
-    whose own modeling files break on transformers 5). Originals are kept once as *.orig. Returns what changed."""
+    whose own modeling files break on transformers 5). Originals are kept once as *.orig (never our own files,
+    so running this twice keeps the real originals). Returns what changed."""
     folder = Path(folder)
     config = read_config(folder)
     changed = []
     for name in (*REMOTE_CODE_FILES, "config.json"):
         path, backup = folder / name, folder / (name + ".orig")
-        if path.is_file() and not backup.exists():
-            shutil.copy2(path, backup)
+        if path.is_file() and not backup.exists() and not _already_ours(path):
+            copy_file_atomic(path, backup)
             changed.append(f"backed up {name} -> {backup.name}")
     copy_remote_code(folder)
-    atomic_write_json(folder / "config.json", with_auto_map(config))
-    changed.append("wrote " + ", ".join(REMOTE_CODE_FILES) + " and config.json auto_map")
+    changed.append("wrote " + ", ".join(REMOTE_CODE_FILES))
+    if config != with_auto_map(config):  # an official config already carries the same auto_map: left as is
+        atomic_write_json(folder / "config.json", with_auto_map(config))
+        changed.append("wrote the config.json auto_map")
     return changed
 
 

@@ -227,6 +227,11 @@ def test_refuses_non_empty_destination_and_never_modifies_the_source(fp8_ckpt, t
         fp8_to_bf16(fp8_ckpt, tmp_path / "dst")
     assert (tmp_path / "dst" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "dst" / "draft.tmp").read_text() == "also mine"  # a refused folder is left untouched
+    with pytest.raises(CheckpointError, match="draft.tmp is not one"):  # --force removes only our own files
+        fp8_to_bf16(fp8_ckpt, tmp_path / "dst", force=True)
+    assert (tmp_path / "dst" / "notes.txt").read_text() == "mine"
+    (tmp_path / "dst" / "notes.txt").unlink(), (tmp_path / "dst" / "draft.tmp").unlink()
+    (tmp_path / "dst" / "config.json").write_text("{}")  # an earlier job's output: ours to replace
     fp8_to_bf16(fp8_ckpt, tmp_path / "dst", force=True)
     with pytest.raises(CheckpointError, match="must not be the source"):
         fp8_to_bf16(fp8_ckpt, fp8_ckpt / "inside")
