@@ -100,6 +100,9 @@ def quantize_int8(
             where = src / reader.weight_map[name]
             t = reader.get(name)
             if name.endswith(SCALE_SUFFIX):
+                weight = name.removesuffix(SCALE_SUFFIX)
+                if weight not in reader or reader.get(weight).dtype != FP8_DTYPE:
+                    raise CheckpointError(f"{where}: {name} scales no float8_e4m3fn weight")
                 continue  # consumed by its FP8 weight
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and t.dim() == 2 and is_fp8_linear(module):

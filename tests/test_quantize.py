@@ -118,6 +118,15 @@ def test_int8_refuses_an_already_quantized_source_and_nan_weights(int8_pair, tmp
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"{name} contains NaN or Inf"):
         quantize_int8(src, tmp_path / "out")
+    # A BF16 weight that carries an FP8 scale is ambiguous: refused, never quantized without its scale.
+    tensors[name][3, 5] = 0.0
+    tensors[name + "_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"][name + "_scale_inv"] = shard.name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"{name}_scale_inv scales no float8_e4m3fn weight"):
+        quantize_int8(src, tmp_path / "out2")
 
 
 def _write_kimi_style_w4a16(tmp_path, group: int = 32):
