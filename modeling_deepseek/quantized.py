@@ -112,6 +112,14 @@ def int8_matmul(xq_MK: torch.Tensor, wq_NK: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ the modules
+def _check_packing(bits: int, group: int, in_features: int) -> tuple[int, int]:
+    if bits not in PACK_BITS:
+        raise ValueError(f"num_bits: packed formats support {PACK_BITS}, got {bits}")
+    if group <= 0 or in_features % group:
+        raise ValueError(f"group_size: {group} does not divide the input dimension {in_features}")
+    return bits, group
+
+
 class _QuantizedLinear(nn.Module):
     """Common parts: quantized tensors are parameters without gradient (so `state_dict` writes the on-disk
     layout and the loader fills them); module dtype casts (`.half()`, `.to(bf16)`) leave integer tensors alone
@@ -166,11 +174,7 @@ class PackedLinear(_QuantizedLinear):
         self, in_features: int, out_features: int, bias: bool, bits: int, group: int, act_order: bool = False
     ) -> None:
         super().__init__(in_features, out_features, bias)
-        if bits not in PACK_BITS:
-            raise ValueError(f"num_bits: pack-quantized supports {PACK_BITS}, got {bits}")
-        if group <= 0 or in_features % group:
-            raise ValueError(f"group_size: {group} does not divide the input dimension {in_features}")
-        self.bits, self.group = bits, group
+        self.bits, self.group = _check_packing(bits, group, in_features)
         self.weight_packed = self._frozen(out_features, in_features * bits // 32, dtype=torch.int32)
         self.weight_scale = self._frozen(out_features, in_features // group, dtype=torch.bfloat16)
         self.weight_shape = self._frozen(2, dtype=torch.int64)
@@ -190,11 +194,7 @@ class GPTQLinear(_QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group: int) -> None:
         super().__init__(in_features, out_features, bias)
-        if bits not in PACK_BITS:
-            raise ValueError(f"bits: GPTQ supports {PACK_BITS}, got {bits}")
-        if group <= 0 or in_features % group:
-            raise ValueError(f"group_size: {group} does not divide the input dimension {in_features}")
-        self.bits, self.group = bits, group
+        self.bits, self.group = _check_packing(bits, group, in_features)
         self.qweight = self._frozen(in_features * bits // 32, out_features, dtype=torch.int32)
         self.qzeros = self._frozen(in_features // group, out_features * bits // 32, dtype=torch.int32)
         self.scales = self._frozen(in_features // group, out_features, dtype=torch.float16)
