@@ -23,6 +23,12 @@ def _friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt as err:
+            # Ctrl-C or SIGTERM (the converters raise a KeyboardInterrupt subclass for it): temporary files are
+            # already gone; exit like a shell would for that signal.
+            sigterm = type(err).__name__ == "Terminated"
+            typer.echo(f"Error: {'terminated' if sigterm else 'interrupted'}; re-run the command to resume", err=True)
+            raise typer.Exit(143 if sigterm else 130) from None
         except Exception as err:
             if STATE["debug"]:
                 traceback.print_exc()
@@ -88,7 +94,7 @@ def fp8_to_bf16(
     drop_mtp: bool = typer.Option(
         False, help="Leave out the MTP layer(s) (model.layers.{num_hidden_layers}+)."
     ),
-    workers: int = typer.Option(0, help="Compute threads (0 = one per CPU core); a separate thread writes."),
+    workers: int = typer.Option(0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."),
     force: bool = typer.Option(False, help="Overwrite a non-empty destination."),
 ):
     """Dequantize an FP8 block-scaled checkpoint: bit-identical to dtype(fp32(q) * scale), no GPU needed.
@@ -107,7 +113,7 @@ def bf16_to_fp8(
     dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
     block_size: int = typer.Option(128, help="Square quantization block size."),
     scale_fmt: str = typer.Option("float", help="float (amax/448) | ue8m0 (power-of-two scales, V3.1 style)"),
-    workers: int = typer.Option(0, help="Compute threads (0 = one per CPU core); a separate thread writes."),
+    workers: int = typer.Option(0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."),
     force: bool = typer.Option(False, help="Overwrite a non-empty destination."),
 ):
     """Quantize to DeepSeek's FP8 block format (float8_e4m3fn + weight_scale_inv), official tensor selection.
@@ -130,7 +136,7 @@ app.add_typer(quantize_app, name="quantize")
 def quantize_int8(
     src: str = typer.Argument(..., help="FP8 or BF16/FP16/FP32 checkpoint folder or Hub repo id (never modified)."),
     dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
-    workers: int = typer.Option(0, help="Compute threads (0 = the converter's default); a separate thread writes."),
+    workers: int = typer.Option(0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."),
     force: bool = typer.Option(False, help="Write into a non-empty destination (removes only our own files)."),
 ):
     """INT8 W8A8 in compressed-tensors `int-quantized` format: int8 weights per output channel, int8 activations
