@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,21 +76,29 @@ def create_new(tmp: Path):
     return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "wb")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def _replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yields `path`.tmp to write (and fsync); then renames it over `path` and fsyncs the folder. On any error
+    the temporary file is removed: an OSError becomes one line naming `path`; KeyboardInterrupt / SIGTERM
+    propagate, and no half-written file stays behind."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with create_new(tmp) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot write ({_reason(err)})") from None
-    except BaseException:  # KeyboardInterrupt / SIGTERM: no half-written file stays behind
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _replaced_atomically(path) as tmp, create_new(tmp) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -252,21 +261,12 @@ class ShardWriter:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with _replaced_atomically(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         # safetensors creates its files 0600; ours follow the umask like every other file we write.
         os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: cannot write ({_reason(err)})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 RING_MAX_BYTES = 512 * 2**20  # larger tensors (embeddings, lm_head) get a buffer of their own
