@@ -78,27 +78,24 @@ def create_new(tmp: Path):
 
 @contextmanager
 def _replaced_atomically(path: Path) -> Iterator[Path]:
-    """Yields `path`.tmp to write (and fsync); then renames it over `path` and fsyncs the folder. On any error
-    the temporary file is removed: an OSError becomes one line naming `path`; KeyboardInterrupt / SIGTERM
+    """Yields `path`.tmp to write; then commit_file (fsync, rename over `path`, fsync the folder). If writing
+    fails the temporary file is removed: an OSError becomes one line naming `path`; KeyboardInterrupt / SIGTERM
     propagate, and no half-written file stays behind."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot write ({_reason(err)})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    commit_file(tmp, path)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with _replaced_atomically(path) as tmp, create_new(tmp) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -265,8 +262,6 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         # safetensors creates its files 0600; ours follow the umask like every other file we write.
         os.chmod(tmp, 0o666 & ~current_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
 
 
 RING_MAX_BYTES = 512 * 2**20  # larger tensors (embeddings, lm_head) get a buffer of their own
