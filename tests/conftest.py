@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -35,3 +36,20 @@ def run_python(code: str, *args: str) -> str:
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str, why: str):
+    """A tmpfs mounted at `folder` (created) for the block, unmounted after; skips with `why` when mounting is
+    not allowed here (it needs root)."""
+    import subprocess
+
+    folder.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    ).returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root) to {why}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

@@ -31,7 +31,7 @@ from convert.checkpoint import (
 from convert.fp8 import bf16_to_fp8, fp8_to_bf16
 from modeling_deepseek.configuration_deepseek import AUTO_MAP
 from modeling_deepseek.fp8 import FP8_DTYPE, blockwise_quant, fp8_quantization_config
-from tests.conftest import run_python
+from tests.conftest import mounted_tmpfs, run_python
 
 LOCK, MARKER = ".dsv3-job.lock", ".dsv3-job.json"  # in the destination while a job runs
 ENV = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -152,18 +152,10 @@ def test_force_keeps_a_setgid_or_symlinked_destination(fp8_src, tmp_path, clean_
 
 
 def test_force_works_on_a_mount_point_destination(fp8_src, tmp_path, clean_digest):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root) to make a mount-point destination")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "64m", "make a mount-point destination") as mnt:
         (mnt / "config.json").write_text("{}")
         fp8_to_bf16(fp8_src, mnt, force=True)
         assert os.path.ismount(mnt) and _digest(mnt) == clean_digest
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 # ------------------------------------------------------------------------- 2. one writer, durable, verified

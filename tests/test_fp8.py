@@ -26,7 +26,7 @@ from modeling_deepseek.fp8 import (
     blockwise_quant,
     is_fp8_linear,
 )
-from tests.conftest import run_python
+from tests.conftest import mounted_tmpfs, run_python
 from tests.test_inventory import UNQUANTIZED, real_inventory
 
 
@@ -357,13 +357,7 @@ def test_fp8_load_with_nan_scale_fails_naming_the_tensor(fp8_ckpt, tmp_path):
 
 def test_full_disk_is_a_one_line_error_and_leaves_nothing_that_looks_complete(fp8_ckpt, tmp_path):
     # A 3 MiB tmpfs: the 14 MB BF16 output cannot fit. Needs mount permission (root), else skipped.
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root) to fill the disk")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "3m", "fill the disk") as mnt:
         proc = subprocess.run(
             [sys.executable, "-m", "dsv3.cli", "convert", "fp8-to-bf16", str(fp8_ckpt), str(mnt / "out")],
             capture_output=True,
@@ -375,5 +369,3 @@ def test_full_disk_is_a_one_line_error_and_leaves_nothing_that_looks_complete(fp
         assert err.count("\n") == 0 and "no space left on the device" in err and str(mnt / "out") in err, err
         assert not (mnt / "out" / "model.safetensors.index.json").exists()
         assert not list((mnt / "out").glob("*.tmp"))  # the half-written shard was removed
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
