@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from convert.checkpoint import ShardWriter, atomic_write_json  # noqa: E402
-from modeling_deepseek.fp8 import blockwise_dequant, blockwise_dequant_reference, blockwise_quant  # noqa: E402
+from dsv3.convert.checkpoint import ShardWriter, atomic_write_json  # noqa: E402
+from dsv3.modeling_deepseek.fp8 import blockwise_dequant, blockwise_dequant_reference, blockwise_quant  # noqa: E402
 
 SHAPES = {  # a slice of one real MoE layer
     "self_attn.kv_a_proj_with_mqa.weight": (576, 7168),
@@ -88,7 +88,7 @@ sys.path.insert(0, sys.argv[1])
 mode, src, dst = sys.argv[2:5]
 t0 = time.perf_counter()
 if mode.startswith("ours"):  # "ours" (default workers) or "ours-N" (--workers N)
-    from convert.fp8 import fp8_to_bf16
+    from dsv3.convert.fp8 import fp8_to_bf16
     fp8_to_bf16(src, dst, workers=int(mode[5:]) if mode[5:] else None)
 elif mode == "naive":  # load, multiply, save: one shard in memory at a time, torch's default threads
     from pathlib import Path
@@ -107,7 +107,7 @@ elif mode == "naive":  # load, multiply, save: one shard in memory at a time, to
         save_file(out, Path(dst) / shard, metadata={"format": "pt"})
 else:  # io: the same reads and the same streaming writer, no arithmetic
     from pathlib import Path
-    from convert.checkpoint import BackgroundCommit, CheckpointReader, PlannedTensor, write_shard_streaming
+    from dsv3.convert.checkpoint import BackgroundCommit, CheckpointReader, PlannedTensor, write_shard_streaming
 
     scratch = torch.zeros(8192 * 16384, dtype=torch.bfloat16)  # reused, already faulted in: a tight bound
 
@@ -137,7 +137,7 @@ LOAD_CHILD = r"""
 import json, sys, threading, time, torch
 sys.path.insert(0, sys.argv[1])
 from transformers import AutoModelForCausalLM
-import modeling_deepseek.modeling_deepseek  # noqa: import cost outside the measurement
+import dsv3.modeling_deepseek.modeling_deepseek  # noqa: import cost outside the measurement
 
 def rss():  # (resident total, resident anonymous) in bytes; the rest is file-backed (mmap'd shards)
     fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "RssAnon")))
@@ -192,8 +192,8 @@ def kernel_rates() -> tuple[float, float]:
 
 
 def load_memory(work: Path) -> tuple[dict, dict]:
-    from convert.tiny import tiny_config, write_official_layout
-    from modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
+    from dsv3.convert.tiny import tiny_config, write_official_layout
+    from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
 
     cfg = tiny_config("v3")
     cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_hidden_layers = 1024, 512, 48, 8

@@ -24,9 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dsv3.modeling_deepseek.configuration_deepseek import DeepseekV3Config  # noqa: E402
+from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM  # noqa: E402
+
 from dsv3.training import load_imbalance  # noqa: E402
-from modeling_deepseek.configuration_deepseek import DeepseekV3Config  # noqa: E402
-from modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "text"
 TRAIN_FILES = ("wikitext2_valid.txt", "tinyshakespeare.txt")
@@ -81,7 +82,7 @@ def _read(name: str) -> str:
 
 
 def train_tokenizer(texts: list[str]):
-    from convert.tiny import train_bpe_tokenizer
+    from dsv3.convert.tiny import train_bpe_tokenizer
 
     return train_bpe_tokenizer(texts, VOCAB, model_max_length=2048)
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from dsv3.modeling_deepseek.configuration_deepseek import AUTO_MAP
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import modeling_deepseek
-from modeling_deepseek.configuration_deepseek import AUTO_MAP
+from dsv3 import modeling_deepseek
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -32,10 +32,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
-from modeling_deepseek.configuration_deepseek import layer_index
-from modeling_deepseek.fp8 import (
+from dsv3.modeling_deepseek.configuration_deepseek import layer_index
+from dsv3.modeling_deepseek.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
     SCALE_FORMATS,
@@ -46,6 +44,7 @@ from modeling_deepseek.fp8 import (
     is_fp8_weight,
     scale_shape,
 )
+from tqdm.auto import tqdm
 
 from .checkpoint import (
     INDEX_NAME,

@@ -8,8 +8,7 @@ Shapes: W [O, I] (out, in), H [I, I], X [M, I] calibration rows, q int8 [O, I], 
 from dataclasses import dataclass, field
 
 import torch
-
-from modeling_deepseek.quantized import quantize_symmetric, symmetric_scale
+from dsv3.modeling_deepseek.quantized import quantize_symmetric, symmetric_scale
 
 DAMP_STEPS = (0.01, 0.1, 1.0)  # fractions of mean(diag H) tried in order before falling back to RTN
 

@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 
 import torch
-
-from modeling_deepseek.fp8 import FP8_DTYPE, blockwise_dequant, check_scale, is_fp8_linear
-from modeling_deepseek.quantized import int8_channel_quant
+from dsv3.modeling_deepseek.fp8 import FP8_DTYPE, blockwise_dequant, check_scale, is_fp8_linear
+from dsv3.modeling_deepseek.quantized import int8_channel_quant
 
 from .checkpoint import CheckpointError, CheckpointReader, PlannedTensor, read_config, resolve_model_path
 from .fp8 import DEFAULT_WORKERS, SCALE_SUFFIX, ConvertReport, _run

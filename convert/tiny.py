@@ -5,10 +5,9 @@ import os
 from pathlib import Path
 
 import torch
-
-from modeling_deepseek.configuration_deepseek import DeepseekV3Config
-from modeling_deepseek.fp8 import blockwise_quant, fp8_quantization_config, is_fp8_weight
-from modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
+from dsv3.modeling_deepseek.configuration_deepseek import DeepseekV3Config
+from dsv3.modeling_deepseek.fp8 import blockwise_quant, fp8_quantization_config, is_fp8_weight
+from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
 
 from .checkpoint import ShardWriter, atomic_write_json, copy_remote_code, with_auto_map
 

@@ -75,7 +75,7 @@ def tiny(
 
     Example: dsv3 tiny ./tiny-v3-fp8 --preset v3 --fp8
     """
-    from convert.tiny import build_tiny
+    from dsv3.convert.tiny import build_tiny
 
     path = build_tiny(out, preset, seed, fp8=fp8, force=force)
     typer.echo(f"wrote {preset} tiny checkpoint ({'FP8' if fp8 else 'BF16'}) to {path}")
@@ -101,7 +101,7 @@ def fp8_to_bf16(
 
     Example: dsv3 convert fp8-to-bf16 ~/models/DeepSeek-V3 ~/models/DeepSeek-V3-bf16
     """
-    from convert.fp8 import fp8_to_bf16 as run
+    from dsv3.convert.fp8 import fp8_to_bf16 as run
 
     typer.echo(run(src, dst, dtype, drop_mtp, workers or None, force).summary())
 
@@ -120,7 +120,7 @@ def bf16_to_fp8(
 
     Example: dsv3 convert bf16-to-fp8 ./tiny-bf16 ./tiny-fp8 --scale-fmt ue8m0
     """
-    from convert.fp8 import bf16_to_fp8 as run
+    from dsv3.convert.fp8 import bf16_to_fp8 as run
 
     typer.echo(run(src, dst, block_size, scale_fmt, workers or None, force).summary())
 
@@ -145,7 +145,7 @@ def quantize_int8(
 
     Example: dsv3 quantize int8 ~/models/DeepSeek-V3 ~/models/DeepSeek-V3-int8
     """
-    from convert.quantize import quantize_int8 as run
+    from dsv3.convert.quantize import quantize_int8 as run
 
     typer.echo(run(src, dst, workers or None, force).summary())
 
@@ -162,7 +162,7 @@ def install_code(
 
     Example: dsv3 install-code ~/models/DeepSeek-V3
     """
-    from convert.checkpoint import install_remote_code
+    from dsv3.convert.checkpoint import install_remote_code
 
     for line in install_remote_code(folder):
         typer.echo(line)

@@ -27,7 +27,7 @@ def _prepare_workdir(workdir: Path) -> None:
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from convert.checkpoint import CheckpointReader
+    from dsv3.convert.checkpoint import CheckpointReader
 
     reader = CheckpointReader(folder)
     return {name: reader.get(name) for name in reader}
@@ -43,8 +43,8 @@ def run_demo(workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     from transformers import DeepseekV3ForCausalLM as NativeDeepseekV3
     from transformers.utils import logging as hf_logging
 
-    from convert.fp8 import bf16_to_fp8, fp8_to_bf16
-    from convert.tiny import build_tiny
+    from dsv3.convert.fp8 import bf16_to_fp8, fp8_to_bf16
+    from dsv3.convert.tiny import build_tiny
 
     # The native class reports our MTP layer as "unexpected" (it drops layer L); that is the point of step 5.
     hf_logging.set_verbosity_error()
@@ -186,7 +186,7 @@ def run_demo(workdir: str | Path, log: Callable[[str], None] = print) -> dict:
 def _int8_step(fp8_dir: Path, out: Path, bf16_model, ids: torch.Tensor, log) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from convert.quantize import quantize_int8
+    from dsv3.convert.quantize import quantize_int8
 
     report = quantize_int8(fp8_dir, out)
     int8 = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from convert.checkpoint import CheckpointError, read_config, resolve_model_path
-from convert.fp8 import DTYPES as CONVERT_DTYPES
+from dsv3.convert.checkpoint import CheckpointError, read_config, resolve_model_path
+from dsv3.convert.fp8 import DTYPES as CONVERT_DTYPES
 
 DTYPES = {**CONVERT_DTYPES, "auto": "auto"}
 # A tokenizer needs one of these; tokenizer_config.json alone cannot build one.

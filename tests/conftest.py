@@ -17,7 +17,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """Built-in tiny checkpoints in the official layout, one per preset, built once per session."""
-    from convert.tiny import build_tiny
+    from dsv3.convert.tiny import build_tiny
 
     cache: dict[str, Path] = {}
 

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+from dsv3.convert.checkpoint import install_remote_code
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
-from convert.checkpoint import install_remote_code
 from tests.conftest import run_python
 
 RELOAD = """

@@ -1,9 +1,9 @@
 """DeepseekV3Config accepts every real config and names the field of every invalid one."""
 
 import pytest
+from dsv3.modeling_deepseek.configuration_deepseek import DeepseekV3Config
 from transformers import AutoConfig
 
-from modeling_deepseek.configuration_deepseek import DeepseekV3Config
 from tests.real_config import REAL_V3_CONFIG, REAL_V3_ROPE_PARAMETERS, real_config_kwargs
 
 

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from convert.checkpoint import (
+from dsv3.convert.checkpoint import (
     INDEX_NAME,
     REMOTE_CODE_FILES,
     CheckpointError,
@@ -28,9 +26,11 @@ from convert.checkpoint import (
     install_remote_code,
     with_auto_map,
 )
-from convert.fp8 import bf16_to_fp8, fp8_to_bf16
-from modeling_deepseek.configuration_deepseek import AUTO_MAP
-from modeling_deepseek.fp8 import FP8_DTYPE, blockwise_quant, fp8_quantization_config
+from dsv3.convert.fp8 import bf16_to_fp8, fp8_to_bf16
+from dsv3.modeling_deepseek.configuration_deepseek import AUTO_MAP
+from dsv3.modeling_deepseek.fp8 import FP8_DTYPE, blockwise_quant, fp8_quantization_config
+from safetensors.torch import save_file
+
 from tests.conftest import mounted_tmpfs, run_python
 
 LOCK, MARKER = ".dsv3-job.lock", ".dsv3-job.json"  # in the destination while a job runs
@@ -39,7 +39,7 @@ CONVERT = "import sys; from convert.fp8 import fp8_to_bf16; fp8_to_bf16(sys.argv
 # The same job with every dequantization slowed down (argv[3] seconds each), so a test can act mid-job.
 SLOW_CONVERT = (
     "import sys, time\n"
-    "import convert.fp8 as f\n"
+    "import dsv3.convert.fp8 as f\n"
     "real = f.blockwise_dequant\n"
     "def slow(*a, **k):\n"
     "    time.sleep(float(sys.argv[3]))\n"
@@ -51,7 +51,7 @@ SLOW_CONVERT = (
 
 @pytest.fixture(scope="module")
 def fp8_src(tmp_path_factory):
-    from convert.tiny import build_tiny
+    from dsv3.convert.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("safety-fp8"), "v3", fp8=True)
 
@@ -408,7 +408,7 @@ def test_an_index_entry_outside_the_folder_is_an_error_and_nothing_is_written_ou
 
 # ------------------------------------------------------------------------- 6. speed under contention
 def test_default_conversion_uses_one_compute_thread(tmp_path, monkeypatch):
-    import convert.fp8 as fp8
+    import dsv3.convert.fp8 as fp8
 
     seen = []
     real = fp8.blockwise_dequant
@@ -459,7 +459,7 @@ def test_an_unreadable_side_file_is_a_one_line_error_naming_it_and_leaves_no_tmp
 FILE_TOO_LARGE = """
 import resource, signal, sys
 from pathlib import Path
-from convert.checkpoint import CheckpointError, copy_side_files
+from dsv3.convert.checkpoint import CheckpointError, copy_side_files
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 try:

@@ -11,21 +11,21 @@ import time
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-from transformers import DeepseekV3ForCausalLM as Native
-
-from convert.checkpoint import CheckpointError
-from convert.fp8 import bf16_to_fp8, fp8_to_bf16
-from convert.tiny import random_tiny_model, write_official_layout
-from modeling_deepseek.fp8 import (
+from dsv3.convert.checkpoint import CheckpointError
+from dsv3.convert.fp8 import bf16_to_fp8, fp8_to_bf16
+from dsv3.convert.tiny import random_tiny_model, write_official_layout
+from dsv3.modeling_deepseek.fp8 import (
     FP8_DTYPE,
     blockwise_dequant,
     blockwise_dequant_reference,
     blockwise_quant,
     is_fp8_linear,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from transformers import DeepseekV3ForCausalLM as Native
+
 from tests.conftest import mounted_tmpfs, run_python
 from tests.test_inventory import UNQUANTIZED, real_inventory
 
@@ -90,7 +90,7 @@ def test_fp8_selection_is_exactly_the_official_fp8_tensors():
 
 @pytest.fixture(scope="module")
 def fp8_ckpt(tmp_path_factory):
-    from convert.tiny import build_tiny
+    from dsv3.convert.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny-fp8"), "v3", fp8=True)
 

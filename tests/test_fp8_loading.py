@@ -5,11 +5,10 @@ import shutil
 
 import pytest
 import torch
+from dsv3.modeling_deepseek.fp8 import FP8_DTYPE, FP8Linear
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
-
-from modeling_deepseek.fp8 import FP8_DTYPE, FP8Linear
 
 # Layer 1 (the first MoE layer: FP8 attention, shared and routed experts) and the MTP layer 3 live on "disk":
 # accelerate brings their weights in from the checkpoint's shards for each forward. The rest stays resident on
@@ -29,7 +28,7 @@ BAD_SCALE = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv"  # runs for ev
 
 @pytest.fixture(scope="module")
 def fp8_ckpt(tmp_path_factory):
-    from convert.tiny import build_tiny
+    from dsv3.convert.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny-fp8"), "v3", fp8=True)
 

@@ -3,9 +3,8 @@ trips, packing is exact, GPTQ beats round-to-nearest on the layer objective, deg
 
 import pytest
 import torch
-
-from convert.gptq import HessianAccumulator, dequantize, gptq_quantize, rtn
-from modeling_deepseek.quantized import (
+from dsv3.convert.gptq import HessianAccumulator, dequantize, gptq_quantize, rtn
+from dsv3.modeling_deepseek.quantized import (
     GPTQLinear,
     Int8Linear,
     PackedLinear,

@@ -3,9 +3,9 @@
 import math
 
 import torch
+from dsv3.modeling_deepseek.configuration_deepseek import DeepseekV3Config
+from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
 
-from modeling_deepseek.configuration_deepseek import DeepseekV3Config
-from modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
 from tests.real_config import real_config_kwargs
 
 # REFERENCE.md section 2, written out by hand from the header dump (not derived from the config).

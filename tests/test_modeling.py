@@ -5,17 +5,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-from transformers import DeepseekV3ForCausalLM as Native
-
-from convert.tiny import random_tiny_model
-from modeling_deepseek.configuration_deepseek import DeepseekV3Config
-from modeling_deepseek.modeling_deepseek import (
+from dsv3.convert.tiny import random_tiny_model
+from dsv3.modeling_deepseek.configuration_deepseek import DeepseekV3Config
+from dsv3.modeling_deepseek.modeling_deepseek import (
     DeepseekV3TopkRouter,
     apply_rope_interleaved,
     rope_inv_freq,
     softmax_scale,
 )
+from transformers import AutoModelForCausalLM
+from transformers import DeepseekV3ForCausalLM as Native
+
 from tests.real_config import REAL_V3_ROPE_PARAMETERS, real_config_kwargs
 
 
@@ -224,7 +224,7 @@ def test_mtp_loss_is_cross_entropy_of_mtp_head_two_tokens_ahead():
         mtp = model.model.layers[model.config.num_hidden_layers]
         x = mtp.eh_proj(torch.cat([mtp.enorm(mtp.embed_tokens(ids[:, 1:])), mtp.hnorm(h[:, :-1])], -1))
         cos_sin = model.model.rotary_emb(torch.arange(11)[None].expand(2, 11))
-        from modeling_deepseek.modeling_deepseek import DeepseekV3DecoderLayer, attention_mask_4d
+        from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3DecoderLayer, attention_mask_4d
 
         y = DeepseekV3DecoderLayer.forward(mtp, x, cos_sin, attention_mask_4d(None, 2, 11, 0, x.device)).h_BSD
         logits = mtp.shared_head.head(mtp.shared_head.norm(y))

@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+from dsv3.convert.checkpoint import CheckpointError, CheckpointReader
+from dsv3.convert.quantize import quantize_int8
+from dsv3.convert.tiny import build_tiny
+from dsv3.modeling_deepseek.fp8 import FP8_DTYPE, blockwise_dequant, is_fp8_linear
+from dsv3.modeling_deepseek.quantized import int8_channel_quant
 from transformers import AutoConfig, AutoModelForCausalLM
-
-from convert.checkpoint import CheckpointError, CheckpointReader
-from convert.quantize import quantize_int8
-from convert.tiny import build_tiny
-from modeling_deepseek.fp8 import FP8_DTYPE, blockwise_dequant, is_fp8_linear
-from modeling_deepseek.quantized import int8_channel_quant
 
 
 def _is_int8_linear(module) -> bool:
@@ -133,8 +132,8 @@ def _write_kimi_style_w4a16(tmp_path, group: int = 32):
     """A tiny checkpoint in exactly the layout of Kimi-K2-Thinking's INT4 release: routed experts int4 group-32
     pack-quantized, attention / shared experts / dense MLP / lm_head in BF16 (regex ignore list); plus the same
     model with the experts replaced by their dequantized weights, the exact reference."""
-    from convert.tiny import random_tiny_model, write_official_layout
-    from modeling_deepseek.quantized import dequant_groups, group_rtn_quant, pack_int32
+    from dsv3.convert.tiny import random_tiny_model, write_official_layout
+    from dsv3.modeling_deepseek.quantized import dequant_groups, group_rtn_quant, pack_int32
 
     # BF16 values held in fp32, so that the reference can hold q * scale exactly (bf16 could not).
     model = random_tiny_model("kimi", seed=3).to(torch.bfloat16).float()
@@ -179,7 +178,7 @@ def _write_kimi_style_w4a16(tmp_path, group: int = 32):
             "re:.*shared_head\\.head$",
         ],
     }
-    from convert.checkpoint import ShardWriter, atomic_write_json, copy_remote_code, with_auto_map
+    from dsv3.convert.checkpoint import ShardWriter, atomic_write_json, copy_remote_code, with_auto_map
 
     writer = ShardWriter(q_dir, max_shard_bytes=2**20)
     for name, t in model.state_dict().items():

@@ -3,10 +3,10 @@ normalisation under gradient accumulation and gradient checkpointing."""
 
 import pytest
 import torch
+from dsv3.convert.tiny import random_tiny_model
+from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3MoE
 
-from convert.tiny import random_tiny_model
 from dsv3.training import ExpertBiasUpdateCallback, load_imbalance
-from modeling_deepseek.modeling_deepseek import DeepseekV3MoE
 
 
 def test_expert_load_counts_every_routed_token_of_a_training_forward():

@@ -7,14 +7,13 @@ import shutil
 
 import pytest
 import torch
+from dsv3.convert.tiny import tiny_config
+from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM, softmax_scale
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM
 from transformers import DeepseekV3Config as NativeConfig
 from transformers import DeepseekV3ForCausalLM as Native
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-from convert.tiny import tiny_config
-from modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM, softmax_scale
 
 
 def _load(path, impl="sdpa", **kwargs):
