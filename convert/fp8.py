@@ -67,6 +67,7 @@ from .checkpoint import (
     with_auto_map,
     write_shard_streaming,
 )
+from .record import RECORD_FILE, new_record, write_record
 
 MARKER = ".dsv3-job.json"
 LOCK = ".dsv3-job.lock"
@@ -83,7 +84,9 @@ DEFAULT_WORKERS = 1
 # and nothing else: a foreign file or any folder in the destination is refused by name, never deleted and never
 # silently kept beside our output; the destination folder itself is never removed or recreated (it may be a mount
 # point, a symlink, or carry a setgid bit the user set up).
-OUR_FILES = frozenset({INDEX_NAME, SINGLE_NAME, "config.json", MARKER, LOCK, *SIDE_FILES, *REMOTE_CODE_FILES})
+OUR_FILES = frozenset(
+    {INDEX_NAME, SINGLE_NAME, "config.json", MARKER, LOCK, RECORD_FILE, *SIDE_FILES, *REMOTE_CODE_FILES}
+)
 OUR_SHARDS = "model-*.safetensors"
 # Plans one shard: (its tensor names, a reader for cross-shard lookups) -> the output tensors, in order, with
 # shapes and dtypes known up front and the data computed lazily. Validation happens while planning, so a bad
@@ -341,8 +344,13 @@ def _convert_shards(
     return report, weight_map
 
 
-def _finish(src: Path, dst: Path, report: ConvertReport, weight_map: dict, config: dict, job_id: str) -> None:
+def _finish(
+    src: Path, dst: Path, report: ConvertReport, weight_map: dict, config: dict, job_id: str, job: dict
+) -> None:
     copy_side_files(src, dst)
+    params = {k: v for k, v in job.items() if k not in ("job", "src")}
+    results = {"tensors": report.tensors, "output_bytes": report.output_bytes}
+    write_record(dst, new_record(src, job["job"], params, results))
     copy_remote_code(dst)
     atomic_write_json(dst / "config.json", config)
     atomic_write_json(
@@ -378,7 +386,7 @@ def _run(
             marker = {"id": job_id, **job, "src": str(src.resolve())}
             _prepare_destination(dst, marker, set(reader.shards), force)
             report, weight_map = _convert_shards(src, dst, reader, plan, keep, workers)
-            _finish(src, dst, report, weight_map, config, job_id)
+            _finish(src, dst, report, weight_map, config, job_id, job)
     report.seconds = time.perf_counter() - t0
     return report
 

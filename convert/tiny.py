@@ -10,6 +10,7 @@ from dsv3.modeling_deepseek.fp8 import blockwise_quant, fp8_quantization_config,
 from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM
 
 from .checkpoint import ShardWriter, atomic_write_json, copy_remote_code, with_auto_map
+from .record import new_record, write_record
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 
@@ -262,4 +263,5 @@ def build_tiny(
             "top_p": 0.95,
         },
     )
+    write_record(out, new_record(None, "tiny", {"preset": preset, "seed": seed, "fp8": fp8}))
     return out
