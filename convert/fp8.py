@@ -86,6 +86,8 @@ DEFAULT_WORKERS = 1
 # point, a symlink, or carry a setgid bit the user set up).
 OUR_FILES = frozenset(
     {INDEX_NAME, SINGLE_NAME, "config.json", MARKER, LOCK, RECORD_FILE, *SIDE_FILES, *REMOTE_CODE_FILES}
+    # the GPTQ job's resume state and its memory-mapped calibration activations (convert/gptq_stream.py)
+    | {".dsv3-gptq-state.json", *(f".dsv3-gptq-acts-{k}.bin" for k in "abxm")}
 )
 OUR_SHARDS = "model-*.safetensors"
 # Plans one shard: (its tensor names, a reader for cross-shard lookups) -> the output tensors, in order, with

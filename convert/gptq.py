@@ -19,11 +19,12 @@ class HessianAccumulator:
 
     in_features: int
     dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
     n: int = 0
     H: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.H = torch.zeros(self.in_features, self.in_features, dtype=self.dtype)
+        self.H = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
         x_MI = x.reshape(-1, self.in_features).to(self.dtype)
@@ -49,7 +50,7 @@ class GPTQResult:
 def _inverse_cholesky(H: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     # Upper Cholesky factor of H^-1: row j holds the OBS update for column j given columns < j are fixed.
     mean_diag = H.diagonal().mean().item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for frac in DAMP_STEPS:
         L, info = torch.linalg.cholesky_ex(H + frac * mean_diag * eye)
         if info.item() != 0:
@@ -87,12 +88,16 @@ def gptq_quantize(
     if group <= 0 or I % group:
         raise ValueError(f"group_size: {group} does not divide the input dimension {I}")
     dtype = H.dtype
-    W = W.to(dtype).clone()
+    W = W.to(H.device, dtype).clone()
     H = H.clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0  # never-activated inputs: any weight works; zero it like the reference GPTQ does
     W[:, dead] = 0.0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(I)
+    perm = (
+        torch.argsort(H.diagonal(), descending=True, stable=True)
+        if act_order
+        else torch.arange(I, device=H.device)
+    )
     W, H = W[:, perm], H[perm][:, perm]
     factor = _inverse_cholesky(H)
     if factor is None:  # degenerate beyond repair: round to nearest, and say so
@@ -100,8 +105,8 @@ def gptq_quantize(
         return GPTQResult(q, scale, None, "rtn", float("nan"), int(dead.sum()))
     U, damp = factor
     block = max(group, block // group * group)
-    Q = torch.zeros(O, I, dtype=torch.int8)
-    scale_OG = torch.zeros(O, I // group, dtype=scale_dtype)
+    Q = torch.zeros(O, I, dtype=torch.int8, device=W.device)
+    scale_OG = torch.zeros(O, I // group, dtype=scale_dtype, device=W.device)
     for i1 in range(0, I, block):
         i2 = min(i1 + block, I)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -127,5 +132,7 @@ def gptq_quantize(
 
 def dequantize(result: GPTQResult, group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     O, I = result.q.shape
-    g_idx = result.g_idx.long() if result.g_idx is not None else torch.arange(I) // group
+    g_idx = (
+        result.g_idx.long() if result.g_idx is not None else torch.arange(I, device=result.q.device) // group
+    )
     return (result.q.to(dtype) * result.scale.to(dtype)[:, g_idx]).to(dtype)

@@ -150,6 +150,35 @@ def quantize_int8(
     typer.echo(run(src, dst, workers or None, force).summary())
 
 
+@quantize_app.command("gptq")
+@_friendly
+def quantize_gptq(
+    src: str = typer.Argument(..., help="FP8 or BF16/FP16/FP32 checkpoint folder or Hub repo id (never modified)."),
+    dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
+    calib: Path = typer.Option(..., help="UTF-8 text file the calibration samples are cut from."),
+    bits: int = typer.Option(4, help="Weight bits: 4 | 8."),
+    group_size: int = typer.Option(128, help="Input columns per scale; must divide every quantized input dim."),
+    nsamples: int = typer.Option(128, help="Calibration samples."),
+    seqlen: int = typer.Option(512, help="Tokens per calibration sample."),
+    act_order: bool = typer.Option(False, help="Quantize columns in decreasing Hessian diagonal order (g_idx)."),
+    targets: str = typer.Option("all", help="all (every decoder-block Linear) | experts (routed experts only)."),
+    format: str = typer.Option("compressed-tensors", help="compressed-tensors (pack-quantized) | gptq (v1)."),
+    device: str = typer.Option("cpu", help="Where calibration and GPTQ run: cpu | cuda | cuda:N."),
+    force: bool = typer.Option(False, help="Write into a non-empty destination (removes only our own files)."),
+):
+    """GPTQ weight-only quantization (W4A16 / W8A16), one decoder layer at a time from the shards: every routed
+    expert is calibrated on all tokens, the MTP layer too; router, embeddings, lm_head, norms, eh_proj and the
+    MTP shared head stay as they are. What was done (incl. per-module fallbacks) goes to dsv3_record.json.
+
+    Example: dsv3 quantize gptq ~/models/DeepSeek-V3 ~/models/DeepSeek-V3-w4a16 --calib wiki.txt --targets experts
+    """
+    from dsv3.convert.gptq_stream import GPTQOptions
+    from dsv3.convert.gptq_stream import quantize_gptq as run
+
+    opts = GPTQOptions(bits, group_size, nsamples, seqlen, act_order, targets, format, device=device)
+    typer.echo(run(src, dst, calib, opts, force).summary())
+
+
 @app.command("install-code")
 @_friendly
 def install_code(
@@ -187,6 +216,43 @@ def generate(
     from .generate import generate_text
 
     typer.echo(generate_text(model, prompt, max_new_tokens, dtype, sample, seed))
+
+
+@app.command()
+@_friendly
+def card(
+    folder: Path = typer.Argument(..., help="Checkpoint folder written by dsv3 (it holds dsv3_record.json)."),
+    repo_id: str = typer.Option(None, help="Hub repo the usage snippet loads from (kept for later runs)."),
+    license: str = typer.Option(None, "--license", help="Hub license id, e.g. mit (default: the base's)."),
+    force: bool = typer.Option(False, help="Replace a README.md that dsv3 did not write."),
+):
+    """Write (or refresh) FOLDER/README.md: a model card rendered from config.json and dsv3_record.json
+    (variant, provenance, usage, evaluation results, limitations).
+
+    Example: dsv3 card ./DeepSeek-V3-int8 --repo-id me/DeepSeek-V3-int8
+    """
+    from dsv3.model_cards import write_card
+
+    typer.echo(f"wrote {write_card(folder, force=force, repo_id=repo_id, license=license)}")
+
+
+@app.command()
+@_friendly
+def push(
+    folder: Path = typer.Argument(..., help="Checkpoint folder with a current card (see `dsv3 card`)."),
+    repo_id: str = typer.Argument(..., help="Hub repo id, namespace/name (created if missing)."),
+    private: bool = typer.Option(False, help="Create the repo private."),
+    revision: str = typer.Option(None, help="Branch to push to (created from main if missing)."),
+    dry_run: bool = typer.Option(False, help="Check the folder and list the files; upload nothing."),
+):
+    """Check FOLDER (complete shards and index, config, remote code, tokenizer, current card) and upload it;
+    re-run after an interruption to complete the upload. The token comes from HF_TOKEN or `hf auth login`.
+
+    Example: dsv3 push ./DeepSeek-V3-int8 me/DeepSeek-V3-int8 --dry-run
+    """
+    from dsv3.model_cards import push_folder
+
+    typer.echo(push_folder(folder, repo_id, private=private, revision=revision, dry_run=dry_run).summary())
 
 
 def main(argv: list[str] | None = None) -> None:
