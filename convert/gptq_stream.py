@@ -24,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ from .checkpoint import (
 )
 from .fp8 import JOB_KEY, MARKER, SCALE_SUFFIX, _exclusive, _job_id, _prepare_destination, _refuse_overlap
 from .fp8 import _sigterm_unwinds as sigterm_unwinds
-from .gptq import GPTQResult, HessianAccumulator, dequantize, gptq_quantize, rtn
+from .gptq import DAMP_STEPS, GPTQResult, HessianAccumulator, dequantize, gptq_quantize, rtn
 from .quantize import IGNORE, _source_quantization
 from .record import new_record, now, write_record
 
@@ -70,6 +70,9 @@ TARGETS = ("all", "experts")
 FORMATS = ("compressed-tensors", "gptq")
 METHODS = ("gptq", "rtn")
 EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
+EXPERT_BATCH_BYTES = (
+    2**30
+)  # float weights of the routed experts quantized together (one stacked gate/up pass)
 
 
 @dataclass
@@ -366,29 +369,48 @@ class LayerQuantizer:
         return True
 
     def quantize(self, rel: str, linear: nn.Linear, H: torch.Tensor | None) -> None:
-        opts, name = self.opts, self.prefix + rel
+        self.quantize_stacked([(rel, linear)], H)
+
+    def quantize_stacked(self, items: list[tuple[str, nn.Linear]], H: torch.Tensor | None) -> None:
+        """Quantize Linears that share one Hessian (same input: e.g. gate/up of a batch of experts) in a single
+        GPTQ pass over their stacked rows. GPTQ treats output rows independently given H, so this equals
+        quantizing each alone, with one column loop instead of one per module."""
+        opts = self.opts
         scale_dtype = torch.float16 if opts.fmt == "gptq" else torch.bfloat16
-        W = linear.weight.data
-        if not torch.isfinite(W).all():
-            raise CheckpointError(f"{name}.weight contains NaN or Inf; cannot quantize it")
+        for rel, linear in items:
+            if not torch.isfinite(linear.weight).all():
+                raise CheckpointError(f"{self.prefix + rel}.weight contains NaN or Inf; cannot quantize it")
+        W = torch.cat([linear.weight.data for _, linear in items])
         if opts.method == "rtn" or H is None:
             q, scale = rtn(W, opts.bits, opts.group_size, scale_dtype)
-            result = GPTQResult(q, scale, None, "rtn", float("nan"), 0)
+            result, fallback = GPTQResult(q, scale, None, "rtn", float("nan"), 0), None
         else:
             result = gptq_quantize(W, H, opts.bits, opts.group_size, opts.act_order, scale_dtype=scale_dtype)
-            if result.method == "rtn":
-                self.fallbacks[name] = "rtn (Hessian not factorizable at any dampening)"
-            elif result.damp > 0.01:
-                self.fallbacks[name] = f"damp={result.damp}"
-        if not torch.isfinite(result.scale.float()).all():
-            raise CheckpointError(
-                f"{name}: a scale overflows {scale_dtype} (weights too large for this format)"
+            fallback = (
+                "rtn (Hessian not factorizable at any dampening)"
+                if result.method == "rtn"
+                else f"damp={result.damp}"
+                if result.damp > DAMP_STEPS[0]
+                else None
             )
-        self.packed.update(packed_tensors(name, result, opts))
-        linear.weight.data = dequantize(result, opts.group_size, W.dtype).to(W.device)
-        self.quantized.add(name)
+        row = 0
+        for rel, linear in items:
+            name, rows = self.prefix + rel, linear.weight.shape[0]
+            part = replace(result, q=result.q[row : row + rows], scale=result.scale[row : row + rows])
+            row += rows
+            if not torch.isfinite(part.scale.float()).all():
+                raise CheckpointError(
+                    f"{name}: a scale overflows {scale_dtype} (weights too large for this format)"
+                )
+            if fallback:
+                self.fallbacks[name] = fallback
+            self.packed.update(packed_tensors(name, part, opts))
+            linear.weight.data = dequantize(part, opts.group_size, linear.weight.dtype).to(
+                linear.weight.device
+            )
+            self.quantized.add(name)
         if self.progress is not None:
-            self.progress.set_postfix_str(rel, refresh=False)
+            self.progress.set_postfix_str(items[-1][0], refresh=False)
 
 
 def _hessian(acc: dict, key: str, x: torch.Tensor) -> None:
@@ -432,19 +454,24 @@ def _calibrate_attention(
         lq.quantize("self_attn." + n, m, acc.pop(n).H if n in acc else None)
 
 
-def _mlp_hessians_and_quantize(mlp: DeepseekV3MLP, rel: str, lq: LayerQuantizer, H_x, xs) -> None:
-    """gate/up with the shared H_X; down_proj with its own Hessian from act(gate X) * up X over all tokens."""
-    if not lq.wanted(rel + ".gate_proj"):
+def _mlp_hessians_and_quantize(mlps: dict[str, DeepseekV3MLP], lq: LayerQuantizer, H_x, xs) -> None:
+    """MLPs on the same input X (a batch of experts, or one shared/dense MLP): gate/up of all of them with the
+    shared H_X in one stacked pass; each down_proj with its own Hessian from act(gate X) * up X over all tokens
+    (computed with the float weights, before gate/up are quantized)."""
+    mlps = {rel: m for rel, m in mlps.items() if lq.wanted(rel + ".gate_proj")}
+    if not mlps:
         return
-    H_down = None
+    acc: dict[str, HessianAccumulator] = {}
     if lq.opts.method == "gptq":
-        acc: dict[str, HessianAccumulator] = {}
         for x in xs():
-            _hessian(acc, "down", F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        H_down = acc["down"].H
-    lq.quantize(rel + ".gate_proj", mlp.gate_proj, H_x)
-    lq.quantize(rel + ".up_proj", mlp.up_proj, H_x)
-    lq.quantize(rel + ".down_proj", mlp.down_proj, H_down)
+            for rel, mlp in mlps.items():
+                _hessian(acc, rel, F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    stacked = [
+        (f"{rel}.{proj}", getattr(m, proj)) for rel, m in mlps.items() for proj in ("gate_proj", "up_proj")
+    ]
+    lq.quantize_stacked(stacked, H_x)
+    for rel, mlp in mlps.items():
+        lq.quantize(rel + ".down_proj", mlp.down_proj, acc.pop(rel).H if rel in acc else None)
 
 
 def quantize_layer(
@@ -498,7 +525,7 @@ def quantize_layer(
 
     if not config.is_moe_layer(layer_idx):
         mlp = src.build(_meta(lambda: DeepseekV3MLP(config)), p + "mlp.")
-        _mlp_hessians_and_quantize(mlp, "mlp", lq, H_x, xs)
+        _mlp_hessians_and_quantize({"mlp": mlp}, lq, H_x, xs)
         add_output(lambda x, i: mlp(x))
         return
     router = src.build(_meta(lambda: DeepseekV3TopkRouter(config)), p + "mlp.gate.")
@@ -506,26 +533,32 @@ def quantize_layer(
     if config.n_shared_experts:
         inner = config.moe_intermediate_size * config.n_shared_experts
         shared = src.build(_meta(lambda: DeepseekV3MLP(config, inner)), p + "mlp.shared_experts.")
-        _mlp_hessians_and_quantize(shared, "mlp.shared_experts", lq, H_x, xs)
+        _mlp_hessians_and_quantize({"mlp.shared_experts": shared}, lq, H_x, xs)
         add_output(lambda x, i: shared(x))
         del shared
-    for e in range(config.n_routed_experts):
-        expert = src.build(
-            _meta(lambda: DeepseekV3MLP(config, config.moe_intermediate_size)), p + f"mlp.experts.{e}."
-        )
-        _mlp_hessians_and_quantize(expert, f"mlp.experts.{e}", lq, H_x, xs)
+    # Experts in batches of about EXPERT_BATCH_BYTES of float weights: memory holds one batch, never the layer.
+    E, I = config.n_routed_experts, config.moe_intermediate_size
+    batch = max(1, EXPERT_BATCH_BYTES // (3 * I * config.hidden_size * 4))
+    for e0 in range(0, E, batch):
+        experts = {
+            e: src.build(_meta(lambda: DeepseekV3MLP(config, I)), p + f"mlp.experts.{e}.")
+            for e in range(e0, min(E, e0 + batch))
+        }
+        _mlp_hessians_and_quantize({f"mlp.experts.{e}": m for e, m in experts.items()}, lq, H_x, xs)
 
-        def routed(x, i, expert=expert, e=e):
-            # Only the tokens the router sends to expert e contribute, weighted like the model does.
+        def routed(x, i, experts=experts):
+            # Only the tokens the router sends to an expert contribute, weighted like the model does.
             idx_MK, weight_MK = routes[i // chunk]
             x_MD = x.reshape(-1, x.shape[-1])
             y_MD = torch.zeros_like(x_MD)
-            tok, slot = (idx_MK == e).nonzero(as_tuple=True)
-            if len(tok):
-                y_MD[tok] = (expert(x_MD[tok]).float() * weight_MK[tok, slot, None]).to(x_MD.dtype)
+            for e, expert in experts.items():
+                tok, slot = (idx_MK == e).nonzero(as_tuple=True)
+                if len(tok):
+                    y_MD[tok] += (expert(x_MD[tok]).float() * weight_MK[tok, slot, None]).to(x_MD.dtype)
             return y_MD.view_as(x)
 
         add_output(routed)
+        del experts
 
 
 # ------------------------------------------------------------------------------------------ the job

@@ -14,8 +14,13 @@ can be rendered from it without guessing:
       "evaluations": [ {"time": "...", "tool": "lm-eval 0.4.13", "suite": "deepseek-v3-base" | null,
                         "limit": null | N, "model_args": "...",
                         "results": {"<task>": {"<metric>": value, "<metric>_stderr": value, "num_fewshot": k,
-                                               "samples": n}}} ]
+                                               "samples": n}}} ],
+      "card": {"repo_id": "me/DeepSeek-V3-int8", "license": "mit", ...}     # optional, set by `dsv3 card`
     }
+
+`source.card` (when the source folder has a README.md with YAML front matter) keeps the source card's license and
+language, so a derived folder's card inherits them. The top-level `card` holds this folder's own card options
+(`dsv3 card DIR --repo-id ... --license ...`); it is not carried to derived folders.
 
 `lineage` carries the source folder's record forward (e.g. FP8 release -> BF16 -> GPTQ), so a card can name the
 original model and every step. Files written atomically; unknown keys in an existing record are kept.
@@ -83,7 +88,29 @@ def describe_source(src: str | os.PathLike, hash_limit: int = HASH_LIMIT) -> dic
         for p in sorted(src.iterdir())
         if p.is_file() and not p.name.startswith(".") and p.name != RECORD_FILE
     }
-    return {"path": str(src.resolve()), "repo_id": repo_id, "revision": revision, "files": files}
+    source = {"path": str(src.resolve()), "repo_id": repo_id, "revision": revision, "files": files}
+    card = source_card_metadata(src)
+    return {**source, "card": card} if card else source
+
+
+CARD_KEYS = ("license", "license_name", "license_link", "language")
+
+
+def source_card_metadata(folder: Path) -> dict:
+    """The license and language from `folder`/README.md's YAML front matter ({} when there is none). A card we
+    cannot parse is recorded as nothing: it must not stop a conversion, and a card never guesses a license."""
+    import yaml
+
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    head, sep, _ = text.removeprefix("---\n").partition("\n---") if text.startswith("---\n") else ("", "", "")
+    try:
+        meta = yaml.safe_load(head) if sep else None
+    except yaml.YAMLError:
+        return {}
+    return {k: meta[k] for k in CARD_KEYS if isinstance(meta, dict) and isinstance(meta.get(k), (str, list))}
 
 
 def read_record(folder: str | os.PathLike) -> dict | None:
@@ -162,3 +189,12 @@ def origin(record: dict) -> dict | None:
         if op.get("source"):
             return op["source"]
     return record.get("source")
+
+
+def set_card_options(folder: str | os.PathLike, options: dict) -> Path:
+    """Merge `options` (repo_id, license, ...) into the record's `card` section; None values leave a key as is."""
+    record = read_record(folder)
+    if record is None:
+        raise RecordError(f"{Path(folder) / RECORD_FILE}: not found (only folders dsv3 wrote have a record)")
+    card = {**record.get("card", {}), **{k: v for k, v in options.items() if v is not None}}
+    return write_record(folder, {**record, "card": card})
