@@ -1,0 +1,174 @@
+"""Quantization quality, time and memory on the trained reference model (benchmarks/train_reference.py).
+
+    bash scripts/bench.sh quantize [--nsamples 128] [--seqlen 128] [--group-size 64]
+
+One run, same weights, same held-out data: wikitext-2 test perplexity (the reference recipe's held-out set) for
+BF16, FP8 (block 128), INT8 W8A8, and W4A16 by round-to-nearest and by GPTQ, each for the routed experts only and
+for every decoder-block Linear (same group size), plus each job's wall time and peak RSS. Each quantization runs
+in its own process, so its peak RSS is its own. Calibration text: wikitext-2 valid (part of the model's training
+data), never the test set. Targets (issue 11): GPTQ-W4's perplexity increase <= 0.5x RTN-W4's; INT8's <= 1%;
+GPTQ peak RSS <= 2 x one decoder layer + calibration activations + 1 GiB.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.train_reference import DATA, SEQ, TEST_FILE, encode, get_reference_model  # noqa: E402
+
+JOB = """
+import sys, json, torch
+torch.set_num_threads(int(sys.argv[3]))
+kind, args = sys.argv[1], json.loads(sys.argv[2])
+if kind == "fp8":
+    from dsv3.convert.fp8 import bf16_to_fp8
+    bf16_to_fp8(args["src"], args["dst"])
+elif kind == "int8":
+    from dsv3.convert.quantize import quantize_int8
+    quantize_int8(args["src"], args["dst"])
+else:
+    from dsv3.convert.gptq_stream import GPTQOptions, quantize_gptq
+    quantize_gptq(args["src"], args["dst"], args["calib"], GPTQOptions(**args["opts"]))
+"""
+
+
+def run_job(kind: str, args: dict, threads: int) -> tuple[float, float]:
+    """(seconds, peak RSS in GiB) of one job in a fresh process."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", JOB, kind, json.dumps(args), str(threads)], env=env, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"{kind} job failed:\n{proc.stderr.read().decode()[-3000:]}")
+    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+@torch.no_grad()
+def perplexity(folder: Path, test_ids: torch.Tensor, max_tokens: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    n = min(len(test_ids), max_tokens) // SEQ * SEQ
+    chunks = test_ids[:n].view(-1, SEQ)
+    nll, count = 0.0, 0
+    for i in range(0, len(chunks), 16):
+        ids = chunks[i : i + 16]
+        out = model(ids, labels=ids)
+        nll += out.lm_loss.item() * ids[:, 1:].numel()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def layer_bytes(folder: Path, layer: int) -> int:
+    from dsv3.convert.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    prefix = f"model.layers.{layer}."
+    return sum(reader.get(n).numel() * 2 for n in reader if n.startswith(prefix))  # in BF16
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=SEQ)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--eval-tokens", type=int, default=100_000)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument(
+        "--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dsv3-bench-quantize"
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from dsv3.convert.checkpoint import copy_side_files
+    from dsv3.convert.tiny import write_official_layout
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = get_reference_model()
+    work = args.workdir
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(ref)
+    # The BF16 starting point, in the official sharded layout (what every job reads).
+    bf16 = work / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(ref, trust_remote_code=True, dtype=torch.float32)
+    write_official_layout(model, bf16, torch.bfloat16, max_shard_bytes=16 * 2**20)
+    tokenizer.save_pretrained(bf16)
+    copy_side_files(ref, bf16)
+    config = model.config
+    del model
+    calib = work / "calib.txt"
+    calib.write_text((DATA / "wikitext2_valid.txt").read_text())
+    test_ids = encode(tokenizer, (DATA / TEST_FILE).read_text())
+
+    jobs = [("BF16", None, {}), ("FP8 (block 128)", "fp8", {}), ("INT8 W8A8 (channel)", "int8", {})]
+    for targets in ("experts", "all"):
+        for method in ("rtn", "gptq"):
+            opts = dict(
+                bits=4, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
+                targets=targets, method=method,
+            )  # fmt: skip
+            jobs.append((f"{method.upper()}-W4 g{args.group_size}, {targets}", "gptq", {"opts": opts}))
+    rows = []
+    for label, kind, extra in jobs:
+        if kind is None:
+            folder, seconds, rss = bf16, float("nan"), float("nan")
+        else:
+            folder = (
+                work / label.split()[0].lower().replace("-", "_") / label.split(", ")[-1].replace(" ", "")
+            )
+            seconds, rss = run_job(
+                kind, {"src": str(bf16), "dst": str(folder), "calib": str(calib), **extra}, args.threads
+            )
+        ppl = perplexity(folder, test_ids, args.eval_tokens)
+        rows.append((label, ppl, seconds, rss))
+        print(f"  {label}: ppl {ppl:.3f}, {seconds:.1f}s, peak RSS {rss:.2f} GiB", flush=True)
+
+    base = rows[0][1]
+    print(
+        f"\nreference model ({config.num_hidden_layers} layers + MTP, hidden "
+        f"{config.hidden_size}, {config.n_routed_experts} experts); held-out wikitext-2 test, "
+        f"{min(len(test_ids), args.eval_tokens) // SEQ * SEQ:,} tokens; calibration {args.nsamples} x "
+        f"{args.seqlen} tokens of wikitext-2 valid; {args.threads} threads\n"
+    )
+    print("| weights | perplexity | increase vs BF16 | time s | peak RSS GiB |\n|---|---|---|---|---|")
+    for label, ppl, seconds, rss in rows:
+        print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {seconds:.1f} | {rss:.2f} |")
+    by = {label: ppl for label, ppl, _, _ in rows}
+    print("\n| target | ours | anchor | ratio |\n|---|---|---|---|")
+    for targets in ("experts", "all"):
+        g = by[f"GPTQ-W4 g{args.group_size}, {targets}"] - base
+        r = by[f"RTN-W4 g{args.group_size}, {targets}"] - base
+        print(
+            f"| GPTQ-W4 ppl increase vs RTN-W4's ({targets}); target <= 0.5 | {g:+.3f} | {r:+.3f} | {g / r:.2f} |"
+        )
+    int8 = by["INT8 W8A8 (channel)"] / base - 1
+    print(f"| INT8 ppl increase; target <= 1% | {100 * int8:+.2f}% | 1% | {int8 / 0.01:.2f} |")
+    acts = 4 * args.nsamples * args.seqlen * config.hidden_size * 4  # four fp32 buffers (gptq_stream.ACTS)
+    layer = max(layer_bytes(bf16, i) for i in range(config.num_hidden_layers))
+    budget = (2 * layer + acts + 2**30) / 2**30
+    worst = max(rss for label, _, _, rss in rows if label.startswith("GPTQ"))
+    print(
+        f"| GPTQ peak RSS vs 2 x layer ({layer / 2**20:.1f} MiB) + activations ({acts / 2**20:.1f} MiB) + 1 GiB "
+        f"| {worst:.2f} GiB | {budget:.2f} GiB | {worst / budget:.2f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
