@@ -1,6 +1,6 @@
 """Quantization quality, time and memory on the trained reference model (benchmarks/train_reference.py).
 
-    bash scripts/bench.sh quantize [--nsamples 128] [--seqlen 128] [--group-size 64]
+    bash scripts/bench.sh quantize [--model reference|demo] [--nsamples 128] [--seqlen 128] [--group-size 64]
 
 One run, same weights, same held-out data: wikitext-2 test perplexity (the reference recipe's held-out set) for
 BF16, FP8 (block 128), INT8 W8A8, and W4A16 by round-to-nearest and by GPTQ, each for the routed experts only and
@@ -82,6 +82,12 @@ def layer_bytes(folder: Path, layer: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--model",
+        choices=("reference", "demo"),
+        default="reference",
+        help="reference: benchmarks/train_reference.py's model, wikitext-2; demo: dsv3's demo model, pydoc text",
+    )
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=SEQ)
     ap.add_argument("--group-size", type=int, default=64)
@@ -97,7 +103,18 @@ def main() -> None:
     from dsv3.convert.tiny import write_official_layout
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ref = get_reference_model()
+    if args.model == "reference":
+        ref = get_reference_model()
+        calib_text = (DATA / "wikitext2_valid.txt").read_text()
+        test_text = (DATA / TEST_FILE).read_text()
+        data = "wikitext-2 (calibration: valid, part of the model's training data; held out: test)"
+    else:
+        from dsv3.corpus import pydoc_split
+        from dsv3.demo_model import get_demo_model
+
+        ref = get_demo_model()
+        calib_text, test_text = pydoc_split()
+        data = "pydoc_data.topics (calibration: the demo model's training text; held out: its held-out 10%)"
     work = args.workdir
     if work.exists():
         import shutil
@@ -114,8 +131,8 @@ def main() -> None:
     config = model.config
     del model
     calib = work / "calib.txt"
-    calib.write_text((DATA / "wikitext2_valid.txt").read_text())
-    test_ids = encode(tokenizer, (DATA / TEST_FILE).read_text())
+    calib.write_text(calib_text)
+    test_ids = encode(tokenizer, test_text)
 
     jobs = [("BF16", None, {}), ("FP8 (block 128)", "fp8", {}), ("INT8 W8A8 (channel)", "int8", {})]
     for targets in ("experts", "all"):
@@ -142,10 +159,10 @@ def main() -> None:
 
     base = rows[0][1]
     print(
-        f"\nreference model ({config.num_hidden_layers} layers + MTP, hidden "
-        f"{config.hidden_size}, {config.n_routed_experts} experts); held-out wikitext-2 test, "
-        f"{min(len(test_ids), args.eval_tokens) // SEQ * SEQ:,} tokens; calibration {args.nsamples} x "
-        f"{args.seqlen} tokens of wikitext-2 valid; {args.threads} threads\n"
+        f"\n{args.model} model ({config.num_hidden_layers} layers + MTP, hidden {config.hidden_size}, "
+        f"{config.n_routed_experts} experts); {data}; perplexity on "
+        f"{min(len(test_ids), args.eval_tokens) // SEQ * SEQ:,} held-out tokens; calibration {args.nsamples} x "
+        f"{args.seqlen} tokens; {args.threads} threads\n"
     )
     print("| weights | perplexity | increase vs BF16 | time s | peak RSS GiB |\n|---|---|---|---|---|")
     for label, ppl, seconds, rss in rows:

@@ -245,15 +245,15 @@ def packed_tensors(module: str, result: GPTQResult, opts: GPTQOptions) -> dict[s
             # v1 stores zero points minus one: the symmetric zero 2^(b-1) is kept as 2^(b-1) - 1, i.e. code -1
             module + ".qzeros": pack_int32(torch.full((G, O), -1, dtype=torch.int8), opts.bits, dim=1),
             module + ".scales": scale.to(torch.float16).t().contiguous(),  # (G, O)
-            module + ".g_idx": g_idx.to(torch.int32),
+            module + ".g_idx": g_idx.to(torch.int32).clone(),
         }
     out = {
         module + ".weight_packed": pack_int32(q, opts.bits),  # (O, I * b / 32)
-        module + ".weight_scale": scale.contiguous(),  # (O, G), bf16
+        module + ".weight_scale": scale.clone(),  # (O, G), bf16; own storage (stacked modules share one result)
         module + ".weight_shape": torch.tensor([O, I], dtype=torch.int64),
     }
     if result.g_idx is not None:
-        out[module + ".weight_g_idx"] = result.g_idx.cpu().to(torch.int32)
+        out[module + ".weight_g_idx"] = result.g_idx.cpu().to(torch.int32).clone()
     return out
 
 

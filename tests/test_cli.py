@@ -1,6 +1,8 @@
 """The dsv3 command: thin, one-line errors, refuses to overwrite."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,11 +35,29 @@ def test_unknown_preset_and_missing_folder_are_one_line_errors(tmp_path):
     assert proc.returncode == 1 and "config.json: not found" in proc.stderr
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end_on_the_trained_model(tmp_path, request, monkeypatch):
+    # The demo trains its model on first use (about a minute) and caches it: keep that cache across test runs
+    # (pytest's cache folder, unless DSV3_CACHE is set) so only the first run pays for it.
+    if not os.environ.get("DSV3_CACHE"):
+        monkeypatch.setenv("DSV3_CACHE", str(request.config.cache.mkdir("dsv3-cache")))
     proc = dsv3("demo", "--workdir", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "identical to native = True" in proc.stdout
-    assert "576 values/token/layer" in proc.stdout
+    out = proc.stdout
+    assert "identical to native = True" in out
+    # The latent cache holds kv_lora_rank + rope dim values per token and layer, measured from the cache object.
+    held, rank, rope = map(
+        int,
+        re.search(r"cache holds (\d+) values/token/layer \(kv_lora_rank (\d+) \+ rope (\d+)\)", out).groups(),
+    )
+    assert held == rank + rope
+    # The model learned something: far below the unigram baseline, a real continuation, and INT8 costs little.
+    ppl, unigram = map(float, re.search(r"held-out perplexity ([\d.]+) \(unigram ([\d.]+)\)", out).groups())
+    assert ppl < unigram / 4
+    continuation = re.search(r"'The assignment statement' -> (['\"])(.+)\1", out).group(2)
+    assert len(continuation.split()) >= 3
+    assert "fp8_mode='keep'" in out and "logits identical: True" in out
+    increase = float(re.search(r"-> INT8 [\d.]+ \(([-+\d.]+)%\)", out).group(1))
+    assert abs(increase) < 5
 
 
 def _one_line_error(proc) -> str:
