@@ -249,7 +249,8 @@ def packed_tensors(module: str, result: GPTQResult, opts: GPTQOptions) -> dict[s
         }
     out = {
         module + ".weight_packed": pack_int32(q, opts.bits),  # (O, I * b / 32)
-        module + ".weight_scale": scale.clone(),  # (O, G), bf16; own storage (stacked modules share one result)
+        module
+        + ".weight_scale": scale.clone(),  # (O, G), bf16; own storage (stacked modules share one result)
         module + ".weight_shape": torch.tensor([O, I], dtype=torch.int64),
     }
     if result.g_idx is not None:
@@ -474,6 +475,7 @@ def _mlp_hessians_and_quantize(mlps: dict[str, DeepseekV3MLP], lq: LayerQuantize
         lq.quantize(rel + ".down_proj", mlp.down_proj, acc.pop(rel).H if rel in acc else None)
 
 
+@torch.no_grad()
 def quantize_layer(
     src: _LayerSource,
     config: DeepseekV3Config,
@@ -628,7 +630,9 @@ def quantize_gptq(
             f"{src / INDEX_NAME}: tensors of model.layers.{unknown[0]}, a layer the config has not"
         )
 
-    with _exclusive(dst), sigterm_unwinds():
+    # No autograd anywhere: a Hessian accumulated in place from grad-tracking activations would keep every
+    # forward's graph alive.
+    with _exclusive(dst), sigterm_unwinds(), torch.no_grad():
         index = _read(dst / INDEX_NAME)
         if not force and (index.get("metadata") or {}).get(JOB_KEY) == job_id and not (dst / MARKER).exists():
             report.already_complete = True

@@ -27,7 +27,9 @@ def _friendly(fn: Callable) -> Callable:
             # Ctrl-C or SIGTERM (the converters raise a KeyboardInterrupt subclass for it): temporary files are
             # already gone; exit like a shell would for that signal.
             sigterm = type(err).__name__ == "Terminated"
-            typer.echo(f"Error: {'terminated' if sigterm else 'interrupted'}; re-run the command to resume", err=True)
+            typer.echo(
+                f"Error: {'terminated' if sigterm else 'interrupted'}; re-run the command to resume", err=True
+            )
             raise typer.Exit(143 if sigterm else 130) from None
         except Exception as err:
             if STATE["debug"]:
@@ -41,7 +43,9 @@ def _friendly(fn: Callable) -> Callable:
 
 @app.callback()
 def _main(
-    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors (anywhere on the line)."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback on errors (anywhere on the line)."
+    ),
 ) -> None:
     STATE["debug"] = STATE["debug"] or debug
 
@@ -94,7 +98,9 @@ def fp8_to_bf16(
     drop_mtp: bool = typer.Option(
         False, help="Leave out the MTP layer(s) (model.layers.{num_hidden_layers}+)."
     ),
-    workers: int = typer.Option(0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."),
+    workers: int = typer.Option(
+        0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."
+    ),
     force: bool = typer.Option(False, help="Overwrite a non-empty destination."),
 ):
     """Dequantize an FP8 block-scaled checkpoint: bit-identical to dtype(fp32(q) * scale), no GPU needed.
@@ -113,7 +119,9 @@ def bf16_to_fp8(
     dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
     block_size: int = typer.Option(128, help="Square quantization block size."),
     scale_fmt: str = typer.Option("float", help="float (amax/448) | ue8m0 (power-of-two scales, V3.1 style)"),
-    workers: int = typer.Option(0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."),
+    workers: int = typer.Option(
+        0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."
+    ),
     force: bool = typer.Option(False, help="Overwrite a non-empty destination."),
 ):
     """Quantize to DeepSeek's FP8 block format (float8_e4m3fn + weight_scale_inv), official tensor selection.
@@ -134,10 +142,16 @@ app.add_typer(quantize_app, name="quantize")
 @quantize_app.command("int8")
 @_friendly
 def quantize_int8(
-    src: str = typer.Argument(..., help="FP8 or BF16/FP16/FP32 checkpoint folder or Hub repo id (never modified)."),
+    src: str = typer.Argument(
+        ..., help="FP8 or BF16/FP16/FP32 checkpoint folder or Hub repo id (never modified)."
+    ),
     dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
-    workers: int = typer.Option(0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."),
-    force: bool = typer.Option(False, help="Write into a non-empty destination (removes only our own files)."),
+    workers: int = typer.Option(
+        0, help="Compute threads (0 = the default, 1: the job is memory-bound); a separate thread writes."
+    ),
+    force: bool = typer.Option(
+        False, help="Write into a non-empty destination (removes only our own files)."
+    ),
 ):
     """INT8 W8A8 in compressed-tensors `int-quantized` format: int8 weights per output channel, int8 activations
     per token at run time. Data-free and streamed shard by shard (FP8 sources dequantized on the fly). Router,
@@ -153,18 +167,28 @@ def quantize_int8(
 @quantize_app.command("gptq")
 @_friendly
 def quantize_gptq(
-    src: str = typer.Argument(..., help="FP8 or BF16/FP16/FP32 checkpoint folder or Hub repo id (never modified)."),
+    src: str = typer.Argument(
+        ..., help="FP8 or BF16/FP16/FP32 checkpoint folder or Hub repo id (never modified)."
+    ),
     dst: Path = typer.Argument(..., help="Output folder (must be empty unless --force; re-run to resume)."),
     calib: Path = typer.Option(..., help="UTF-8 text file the calibration samples are cut from."),
     bits: int = typer.Option(4, help="Weight bits: 4 | 8."),
-    group_size: int = typer.Option(128, help="Input columns per scale; must divide every quantized input dim."),
+    group_size: int = typer.Option(
+        128, help="Input columns per scale; must divide every quantized input dim."
+    ),
     nsamples: int = typer.Option(128, help="Calibration samples."),
     seqlen: int = typer.Option(512, help="Tokens per calibration sample."),
-    act_order: bool = typer.Option(False, help="Quantize columns in decreasing Hessian diagonal order (g_idx)."),
-    targets: str = typer.Option("all", help="all (every decoder-block Linear) | experts (routed experts only)."),
+    act_order: bool = typer.Option(
+        False, help="Quantize columns in decreasing Hessian diagonal order (g_idx)."
+    ),
+    targets: str = typer.Option(
+        "all", help="all (every decoder-block Linear) | experts (routed experts only)."
+    ),
     format: str = typer.Option("compressed-tensors", help="compressed-tensors (pack-quantized) | gptq (v1)."),
     device: str = typer.Option("cpu", help="Where calibration and GPTQ run: cpu | cuda | cuda:N."),
-    force: bool = typer.Option(False, help="Write into a non-empty destination (removes only our own files)."),
+    force: bool = typer.Option(
+        False, help="Write into a non-empty destination (removes only our own files)."
+    ),
 ):
     """GPTQ weight-only quantization (W4A16 / W8A16), one decoder layer at a time from the shards: every routed
     expert is calibrated on all tokens, the MTP layer too; router, embeddings, lm_head, norms, eh_proj and the
@@ -208,14 +232,20 @@ def generate(
         False, help="Sample (with the checkpoint's generation config) instead of greedy."
     ),
     seed: int = typer.Option(0, help="Random seed when sampling."),
+    mtp: bool = typer.Option(
+        False, "--mtp", help="MTP speculative decoding (same greedy text, fewer main-model forwards)."
+    ),
 ):
-    """Generate a continuation with the KV cache.
+    """Generate a continuation with the KV cache; prints the text (stdout), then tok/s and, with --mtp, the
+    draft acceptance (stderr).
 
-    Example: dsv3 generate ./tiny-v3 --prompt "The quick brown fox" --max-new-tokens 16
+    Example: dsv3 generate ./tiny-v3 --prompt "The quick brown fox" --max-new-tokens 16 --mtp
     """
-    from .generate import generate_text
+    from .generate import run_generation
 
-    typer.echo(generate_text(model, prompt, max_new_tokens, dtype, sample, seed))
+    result = run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp)
+    typer.echo(result.text)
+    typer.echo(result.summary(), err=True)
 
 
 @app.command()
@@ -253,6 +283,79 @@ def push(
     from dsv3.model_cards import push_folder
 
     typer.echo(push_folder(folder, repo_id, private=private, revision=revision, dry_run=dry_run).summary())
+
+
+@app.command("eval")
+@_friendly
+def eval_command(
+    model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id."),
+    tasks: str = typer.Option(
+        None, help="Comma-separated lm-eval tasks, or ours: dsv3_pydoc_ppl, dsv3_pydoc_order, dsv3_gsm8k."
+    ),
+    suite: str = typer.Option(None, help="deepseek-v3-base: the paper's Table 3 rows as lm-eval tasks."),
+    include_path: list[Path] = typer.Option([], help="Folder of more task YAML files (repeatable)."),
+    num_fewshot: int = typer.Option(None, help="Few-shot examples (default: each task's own)."),
+    limit: float = typer.Option(None, help="At most N examples per task (below 1: that fraction)."),
+    batch_size: str = typer.Option(None, help="Batch size or auto (default 1; auto with --backend vllm)."),
+    output: Path = typer.Option(None, help="Folder for lm-eval's results/samples files and the report."),
+    apply_chat_template: bool = typer.Option(False, help="Format prompts with the tokenizer's chat template"),
+    fewshot_as_multiturn: bool = typer.Option(
+        None, "--fewshot-as-multiturn/--no-fewshot-as-multiturn", help="Few-shot examples as chat turns."
+    ),
+    system_instruction: str = typer.Option(None, help="System prompt for every request."),
+    strip_thinking: bool = typer.Option(
+        False, help="Reasoning models: score the text after </think>; no </think>: an empty answer."
+    ),
+    allow_code_execution: bool = typer.Option(
+        False, help="Run tasks that execute model-written code (HumanEval, MBPP, CRUXEval): unsafe, opt-in."
+    ),
+    backend: str = typer.Option("hf", help="hf (transformers with our remote code) | vllm (GPU)."),
+    device: str = typer.Option(None, help="hf backend device (default cuda:0 if present, else cpu)."),
+    dtype: str = typer.Option(None, help="Weights dtype: auto (the checkpoint's) | float32 | bfloat16."),
+    model_args: str = typer.Option(None, help="More model arguments, key=value,... (e.g. use_mtp=True)"),
+    gen_kwargs: str = typer.Option(None, help="Generation overrides for generative tasks, key=value,..."),
+    tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs per model replica."),
+    data_parallel_size: int = typer.Option(1, help="vllm: model replicas."),
+    gpu_memory_utilization: float = typer.Option(None, help="vllm: fraction of GPU memory to use."),
+    max_model_len: int = typer.Option(None, help="vllm: context length to reserve."),
+    record: bool = typer.Option(True, help="Add the results to MODEL/dsv3_record.json (local folders only)."),
+):
+    """Evaluate with lm-eval (offline with local tasks): lm-eval's results/samples files unchanged in --output,
+    a report (markdown + PNG chart vs the paper), results recorded for the model card. Tasks that run
+    model-written code need --allow-code-execution.
+
+    Example: dsv3 eval ./tiny-v3 --tasks dsv3_pydoc_ppl,dsv3_pydoc_order --limit 20 --output ./eval-out
+    """
+    from dsv3.eval import run_eval
+
+    run = run_eval(
+        model,
+        tasks=[tasks] if tasks else [],
+        suite=suite,
+        include_path=include_path,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        output=output,
+        apply_chat_template=apply_chat_template,
+        fewshot_as_multiturn=fewshot_as_multiturn,
+        system_instruction=system_instruction,
+        strip_thinking=strip_thinking,
+        allow_code_execution=allow_code_execution,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        model_args=model_args,
+        gen_kwargs=gen_kwargs,
+        tensor_parallel_size=tensor_parallel_size,
+        data_parallel_size=data_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        record=record,
+    )
+    typer.echo(run.markdown)
+    for path in run.files + ([run.record] if run.record else []):
+        typer.echo(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
