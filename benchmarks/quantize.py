@@ -147,9 +147,7 @@ def main() -> None:
         if kind is None:
             folder, seconds, rss = bf16, float("nan"), float("nan")
         else:
-            folder = (
-                work / label.split()[0].lower().replace("-", "_") / label.split(", ")[-1].replace(" ", "")
-            )
+            folder = work / "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
             seconds, rss = run_job(
                 kind, {"src": str(bf16), "dst": str(folder), "calib": str(calib), **extra}, args.threads
             )
