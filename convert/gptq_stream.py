@@ -663,7 +663,8 @@ def quantize_gptq(
                 acts.inp[i : i + opts.chunk] = F.embedding(ids_NS[i : i + opts.chunk].to(device), embed).cpu()
             acts._maps[ACTS[acts.first]].flush()
             del embed
-        bar = tqdm(total=len(layers), desc="gptq", unit="layer", initial=len(done))
+        quiet = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes")
+        bar = tqdm(total=len(layers), desc="gptq", unit="layer", initial=len(done), disable=quiet)
         try:
             for k, layer_idx in enumerate(layers, start=2):
                 shard = _shard_name(k, n_shards)
@@ -719,7 +720,9 @@ def quantize_gptq(
         }
         params = {k: v for k, v in job.items() if k != "job"}
         write_record(dst, new_record(src, "quantize-gptq", params, results, started=started))
-        total = sum((dst / s).stat().st_size for s in set(weight_map.values()))
+        total = sum(
+            _tensor_bytes(dst / s) for s in set(weight_map.values())
+        )  # data bytes, as the index defines
         atomic_write_json(
             dst / INDEX_NAME,
             {
@@ -762,6 +765,32 @@ def _mtp_input(
             h = final_norm(h)
         e = F.embedding(ids_NS[i : i + chunk, k : k + S].to(dev), embed)
         out[i : i + chunk, :S] = eh_proj(torch.cat([enorm(e), hnorm(h)], dim=-1)).cpu()
+
+
+def _tensor_bytes(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        total = 0
+        for name in f.keys():
+            t = f.get_slice(name)
+            total += int(np.prod(t.get_shape(), dtype=np.int64)) * _DTYPE_BYTES[t.get_dtype()]
+        return total
+
+
+_DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+_DTYPE_BYTES.update({"F8_E4M3": 1, "F8_E5M2": 1})
 
 
 def _shard_keys(path: Path) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 MARKER = ".dsv3-demo"
+GPTQ_GROUP = 128  # the demo model's Linear inputs are all multiples of 128
 # Prompts from the training domain (CPython's reference docs), so the continuations are the model's real output.
 PROMPTS = ("The assignment statement", "A function definition")
 
@@ -310,6 +311,60 @@ def step_int8(ctx: DemoContext) -> None:
     )
 
 
+def step_gptq(ctx: DemoContext) -> None:
+    """GPTQ W4A16 vs round-to-nearest (same bits, groups and format), streamed layer by layer from the FP8
+    shards, calibrated on the demo model's training text; held-out perplexity of each."""
+    from dsv3.convert.gptq_stream import GPTQOptions, quantize_gptq
+    from dsv3.corpus import pydoc_split
+    from dsv3.demo_model import heldout_perplexity
+
+    calib = ctx.workdir / "calib.txt"
+    calib.write_text(pydoc_split()[0])
+    base = heldout_perplexity(ctx.model("bf16"), ctx.tokenizer, ctx.heldout)
+    lines, ppl = [], {}
+    for method in ("rtn", "gptq"):
+        out = ctx.workdir / f"demo-v3-w4-{method}"
+        opts = GPTQOptions(bits=4, group_size=GPTQ_GROUP, nsamples=64, seqlen=128, method=method)
+        report = quantize_gptq(ctx.paths["fp8"], out, calib, opts)
+        ctx.paths[f"w4-{method}"] = out
+        ppl[method] = heldout_perplexity(ctx.model(f"w4-{method}"), ctx.tokenizer, ctx.heldout)
+        lines.append(
+            f"| {method.upper()} W4 g{GPTQ_GROUP}, every decoder Linear | {ppl[method]:.2f} | "
+            f"{ppl[method] / base - 1:+.2%} | {report.seconds:.1f} |"
+        )
+    ctx.results.update(heldout_ppl_w4_rtn=ppl["rtn"], heldout_ppl_w4_gptq=ppl["gptq"], heldout_ppl_bf16=base)
+    ctx.say(
+        "quantize gptq (layer-streamed from the FP8 shards, every expert calibrated on every token):\n"
+        "| weights | held-out ppl | vs BF16 | quantize s |\n|---|---|---|---|\n"
+        f"| BF16 | {base:.2f} | | |\n" + "\n".join(lines)
+    )
+
+
+def step_eval(ctx: DemoContext) -> None:
+    """lm-eval on the shipped offline tasks (held-out pydoc perplexity, word order), BF16 vs GPTQ-W4."""
+    from dsv3.eval import demo_report
+
+    for role in ("bf16", "w4-gptq"):
+        markdown, results = demo_report(ctx.paths[role], ctx.workdir / f"eval-{role}", record=True)
+        order = results["results"]["dsv3_pydoc_order"]
+        ctx.results[f"eval_{role}_word_order_acc"] = order["acc,none"]
+        ctx.say(
+            f"dsv3 eval {ctx.paths[role].name} (recorded in its dsv3_record.json):\n{_table_only(markdown)}"
+        )
+
+
+def _table_only(markdown: str) -> str:
+    return "\n".join(line for line in markdown.splitlines() if line.startswith("|"))
+
+
+def step_card(ctx: DemoContext) -> None:
+    """The model card for the GPTQ output, from its record, and what `dsv3 push --dry-run` would upload."""
+    from dsv3.model_cards import demo_publish
+
+    listing = demo_publish(ctx.paths["w4-gptq"])
+    ctx.say(f"dsv3 card + dsv3 push --dry-run {ctx.paths['w4-gptq'].name}:\n{listing}")
+
+
 STEPS: list[Callable[[DemoContext], None]] = [
     step_demo_model,
     step_fp8_release,
@@ -320,6 +375,9 @@ STEPS: list[Callable[[DemoContext], None]] = [
     step_mtp_loss,
     step_save_reload,
     step_int8,
+    step_gptq,
+    step_eval,
+    step_card,
 ]
 
 
@@ -349,15 +407,18 @@ def run_demo(workdir: str | Path, log: Callable[[str], None] = print) -> dict:
 
 @contextlib.contextmanager
 def _no_converter_progress_bars():
-    before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    # Converters and GPTQ honour HF_HUB_DISABLE_PROGRESS_BARS; lm-eval's bars are plain tqdm (TQDM_DISABLE).
+    names = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, "1"))
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["HF_HUB_DISABLE_PROGRESS_BARS"]
-        else:
-            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def batch_mask(batch, gen: torch.Tensor) -> torch.Tensor:
