@@ -53,3 +53,26 @@ def mounted_tmpfs(folder: Path, size: str, why: str):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+def folder_digest(folder: Path, exclude=()) -> dict[str, str]:
+    """sha256 of every file in `folder` (not `exclude`); the metadata record is hashed without its timestamps,
+    so two runs of the same job compare equal."""
+    import hashlib
+    import json
+
+    from dsv3.convert.record import RECORD_FILE
+
+    def data(p: Path) -> bytes:
+        if p.name != RECORD_FILE:
+            return p.read_bytes()
+        record = json.loads(p.read_text())
+        record["operation"].pop("started")
+        record["operation"].pop("finished")
+        return json.dumps(record, sort_keys=True).encode()
+
+    return {
+        p.name: hashlib.sha256(data(p)).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in exclude
+    }

@@ -31,7 +31,7 @@ from dsv3.modeling_deepseek.configuration_deepseek import AUTO_MAP
 from dsv3.modeling_deepseek.fp8 import FP8_DTYPE, blockwise_quant, fp8_quantization_config
 from safetensors.torch import save_file
 
-from tests.conftest import mounted_tmpfs, run_python
+from tests.conftest import folder_digest, mounted_tmpfs, run_python
 
 LOCK, MARKER = ".dsv3-job.lock", ".dsv3-job.json"  # in the destination while a job runs
 ENV = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -65,11 +65,7 @@ def clean_digest(fp8_src, tmp_path_factory):
 
 def _digest(folder: Path) -> dict[str, str]:
     # Remote code is copied from the working tree (which may change while tests run); everything else counts.
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name not in REMOTE_CODE_FILES
-    }
+    return folder_digest(folder, exclude=REMOTE_CODE_FILES)
 
 
 def _wait_for(condition, timeout: float = 60.0) -> None:

@@ -1,6 +1,5 @@
 """FP8 block format: one dequant/quant implementation, loading (dequantize or keep), converters."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from transformers import DeepseekV3ForCausalLM as Native
 
-from tests.conftest import mounted_tmpfs, run_python
+from tests.conftest import folder_digest, mounted_tmpfs, run_python
 from tests.test_inventory import UNQUANTIZED, real_inventory
 
 
@@ -213,9 +212,7 @@ def test_drop_mtp_leaves_out_layer_L_and_still_loads(fp8_ckpt, tmp_path):
 
 
 def _digest(folder):
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
-    }
+    return folder_digest(folder)
 
 
 def test_refuses_non_empty_destination_and_never_modifies_the_source(fp8_ckpt, tmp_path):
