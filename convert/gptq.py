@@ -80,6 +80,7 @@ def gptq_quantize(
     act_order: bool = False,
     block: int = 128,
     scale_dtype: torch.dtype = torch.bfloat16,
+    static_groups: bool = False,
 ) -> GPTQResult:
     """Quantize W [O, I] against Hessian H [I, I]. Computes in H's dtype (fp64 for reference tests). Each group's
     scale is chosen when its first column is reached, from the error-updated weights, and rounded to
@@ -98,6 +99,14 @@ def gptq_quantize(
         if act_order
         else torch.arange(I, device=H.device)
     )
+    if static_groups:
+        # compressed-tensors' actorder "weight": columns are visited in activation order, but every column keeps
+        # its original contiguous group, whose scale is fixed up front from the original weights: no g_idx.
+        scale_OG = symmetric_scale(W.view(O, I // group, group).abs().amax(-1), bits).to(scale_dtype)
+        group_of = perm // group
+    else:
+        scale_OG = torch.zeros(O, I // group, dtype=scale_dtype, device=W.device)
+        group_of = torch.arange(I, device=W.device) // group
     W, H = W[:, perm], H[perm][:, perm]
     factor = _inverse_cholesky(H)
     if factor is None:  # degenerate beyond repair: round to nearest, and say so
@@ -106,18 +115,19 @@ def gptq_quantize(
     U, damp = factor
     block = max(group, block // group * group)
     Q = torch.zeros(O, I, dtype=torch.int8, device=W.device)
-    scale_OG = torch.zeros(O, I // group, dtype=scale_dtype, device=W.device)
     for i1 in range(0, I, block):
         i2 = min(i1 + block, I)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group == 0:  # a new group starts: its scale from the weights as they are now
+            if (
+                col % group == 0 and not static_groups
+            ):  # a new group: its scale from the weights as they are now
                 scale_OG[:, col // group] = symmetric_scale(W1[:, i : i + group].abs().amax(-1), bits).to(
                     scale_dtype
                 )
-            s_O = scale_OG[:, col // group].to(dtype)
+            s_O = scale_OG[:, group_of[col]].to(dtype)
             w_O = W1[:, i]
             q_O = quantize_symmetric(w_O, s_O, bits)
             Q[:, col] = q_O
@@ -126,7 +136,7 @@ def gptq_quantize(
             Err1[:, i] = err_O
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy batch update of everything right of the block
     inv = torch.argsort(perm)
-    g_idx = (inv // group).to(torch.int32) if act_order else None
+    g_idx = (inv // group).to(torch.int32) if act_order and not static_groups else None
     return GPTQResult(Q[:, inv].contiguous(), scale_OG, g_idx, "gptq", damp, int(dead.sum()))
 
 

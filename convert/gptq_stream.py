@@ -220,7 +220,7 @@ def quantization_config(opts: GPTQOptions, config: DeepseekV3Config) -> dict:
                     "strategy": "group",
                     "group_size": opts.group_size,
                     "dynamic": False,
-                    "actorder": "group" if opts.act_order else None,
+                    "actorder": "weight" if opts.act_order else None,
                     "observer": "minmax",
                 },
                 "input_activations": None,
@@ -386,7 +386,12 @@ class LayerQuantizer:
             q, scale = rtn(W, opts.bits, opts.group_size, scale_dtype)
             result, fallback = GPTQResult(q, scale, None, "rtn", float("nan"), 0), None
         else:
-            result = gptq_quantize(W, H, opts.bits, opts.group_size, opts.act_order, scale_dtype=scale_dtype)
+            # compressed-tensors >= 0.20 knows only actorder "weight" (static groups, no g_idx); GPTQ v1 keeps
+            # desc_act's g_idx.
+            result = gptq_quantize(
+                W, H, opts.bits, opts.group_size, opts.act_order, scale_dtype=scale_dtype,
+                static_groups=opts.fmt == "compressed-tensors",
+            )  # fmt: skip
             fallback = (
                 "rtn (Hessian not factorizable at any dampening)"
                 if result.method == "rtn"

@@ -133,18 +133,22 @@ def test_both_formats_store_exactly_the_gptq_result(bits, act_order):
         ("compressed-tensors", torch.bfloat16, PackedLinear),
         ("gptq", torch.float16, GPTQLinear),
     ):
-        result = gptq_quantize(W, X.t() @ X, bits, group, act_order, scale_dtype=scale_dtype)
+        result = gptq_quantize(
+            W, X.t() @ X, bits, group, act_order, scale_dtype=scale_dtype, static_groups=fmt != "gptq"
+        )
+        # compressed-tensors' act order ("weight") keeps contiguous groups: no g_idx to store.
+        assert (result.g_idx is not None) == (act_order and fmt == "gptq")
         tensors = packed_tensors(
             "m", result, GPTQOptions(bits=bits, group_size=group, fmt=fmt, act_order=act_order)
         )
         module = (
-            cls(I, O, False, bits, group, act_order) if cls is PackedLinear else cls(I, O, False, bits, group)
+            cls(I, O, False, bits, group, result.g_idx is not None)
+            if cls is PackedLinear
+            else cls(I, O, False, bits, group)
         )
         module.load_state_dict({k.removeprefix("m."): v for k, v in tensors.items()}, strict=True)
-        expected = (
-            result.q.float()
-            * result.scale.float()[:, result.g_idx.long() if act_order else torch.arange(I) // group]
-        )
+        g_idx = result.g_idx.long() if result.g_idx is not None else torch.arange(I) // group
+        expected = result.q.float() * result.scale.float()[:, g_idx]
         assert torch.equal(module.dequantized_weight(torch.float32), expected), fmt
 
 
@@ -162,7 +166,7 @@ def test_gptq_reconstructs_the_model_better_than_round_to_nearest(tiny_ckpt, cal
     for method in ("gptq", "rtn"):
         dst = tmp_path / method
         quantize_gptq(
-            src, dst, calib, GPTQOptions(bits=4, method=method, nsamples=8, seqlen=64, group_size=64)
+            src, dst, calib, GPTQOptions(bits=4, method=method, nsamples=8, seqlen=64, group_size=32)
         )
         errors[method] = _held_out_error(_load(dst), _load(src), AutoTokenizer.from_pretrained(src))
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
