@@ -1,7 +1,10 @@
 """Loading a checkpoint folder (or Hub id) with our remote code and generating text."""
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +35,57 @@ def load_model(model: str | os.PathLike, dtype: str = "fp32", device: str = "cpu
     return lm.to(device).eval(), tokenizer
 
 
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    seconds: float  # the whole generate call: prefill and decode
+    mtp: Any = None  # MTPStats (remote code's class) when generated with --mtp
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        line = f"{self.new_tokens} new tokens in {self.seconds:.2f} s: {self.tokens_per_second:.1f} tok/s"
+        return f"{line}; {self.mtp}" if self.mtp is not None else line
+
+
 @torch.no_grad()
+def run_generation(
+    model: str | os.PathLike,
+    prompt: str,
+    max_new_tokens: int = 32,
+    dtype: str = "fp32",
+    sample: bool = False,
+    seed: int = 0,
+    mtp: bool = False,
+) -> Generation:
+    """Load, generate (greedy, or sampled with the checkpoint's generation config), time it. With `mtp`, MTP
+    speculative decoding: the same greedy text, fewer main-model forwards."""
+    # Checked before the (possibly long) model load.
+    if not prompt:
+        raise ValueError("--prompt: must not be empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
+    if mtp:
+        path = resolve_model_path(str(model))
+        if not read_config(path).get("num_nextn_predict_layers"):
+            raise ValueError(f"--mtp: {path} has no MTP module (num_nextn_predict_layers is 0)")
+    lm, tokenizer = load_model(model, dtype)
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id)
+    if mtp:
+        kwargs["use_mtp"] = True
+    start = time.perf_counter()
+    out = lm.generate(**inputs, **kwargs)
+    seconds = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1] :]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return Generation(text, len(new), seconds, lm.last_mtp_stats if mtp else None)
+
+
 def generate_text(
     model: str | os.PathLike,
     prompt: str,
@@ -40,16 +93,6 @@ def generate_text(
     dtype: str = "fp32",
     sample: bool = False,
     seed: int = 0,
+    mtp: bool = False,
 ) -> str:
-    # Checked before the (possibly long) model load.
-    if not prompt:
-        raise ValueError("--prompt: must not be empty")
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
-    lm, tokenizer = load_model(model, dtype)
-    torch.manual_seed(seed)
-    inputs = tokenizer(prompt, return_tensors="pt")
-    out = lm.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id
-    )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp).text

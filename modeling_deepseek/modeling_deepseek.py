@@ -21,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_deepseek import AUTO_MAP, IN_MEMORY_MODEL_TYPE, DeepseekV3Config, layer_index
 from .fp8 import FP8Linear, check_scale, is_fp8_linear
+from .latent_cache import LatentCache
+from .mla_absorbed import absorbed_attention, dense_kv_b_weight, prefer_absorbed
+from .moe_grouped import expert_stack, grouped_experts
+from .mtp_decoding import mtp_generate
 from .quantized import QUANTIZED_LINEARS, make_quantized_linear
 
 IGNORE_INDEX = -100
@@ -111,7 +115,9 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 # ------------------------------------------------------------------------------------------------- attention
 class DeepseekV3Attention(nn.Module):
     """Multi-head Latent Attention. Only the latent (c_kv after its norm, k_rope after RoPE; C + R values per
-    token) is cached; keys and values are expanded from it through kv_b_proj."""
+    token) is cached. Two equal forms (mla_absorbed.py): expanded (keys and values rebuilt from the latent through
+    kv_b_proj; fewer FLOPs for prefill) and absorbed (kv_b_proj folded into the query and the output; decode
+    reads only the latent). `mla_path` picks one: "auto" (by FLOP count), "absorbed" or "expanded"."""
 
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
@@ -134,6 +140,7 @@ class DeepseekV3Attention(nn.Module):
         self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.mla_path = "auto"  # runtime choice, not config: see mla_absorbed.set_mla_path
 
     def _project_q(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = x_BSD.shape
@@ -150,7 +157,9 @@ class DeepseekV3Attention(nn.Module):
 
     def _expand_kv(self, c_kv_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = c_kv_BTC.shape
-        kv_BTHd = self.kv_b_proj(c_kv_BTC).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+        # The cache hands out views of a larger buffer (latent_cache.py); Linear kernels may round a strided
+        # batch differently from a dense one, so the projection always sees a dense input.
+        kv_BTHd = self.kv_b_proj(c_kv_BTC.contiguous()).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
         k_nope_BTHN, v_BTHU = kv_BTHd.split([self.nope_dim, self.v_dim], dim=-1)
         return k_nope_BTHN.transpose(1, 2), v_BTHU.transpose(1, 2)  # (B, H, T, N), (B, H, T, U)
 
@@ -196,6 +205,15 @@ class DeepseekV3Attention(nn.Module):
             c_kv_BTC, k_rope_BTR = c_kv_B1TC[:, 0], k_rope_B1TR[:, 0]
         else:
             c_kv_BTC, k_rope_BTR = c_kv_BSC, k_rope_BSR
+        w_kv_b = self._absorbed_weight(S, c_kv_BTC.shape[1], q_nope_BSHN.dtype)
+        if w_kv_b is not None:
+            dropout = self.dropout if self.training else 0.0
+            out_BSHU, probs_BHST = absorbed_attention(
+                q_nope_BSHN, q_rope_BSHR, c_kv_BTC, k_rope_BTR, w_kv_b, mask_B1ST, self.softmax_scale, dropout
+            )
+            eager = self.config._attn_implementation == "eager"
+            out_BSd = out_BSHU.reshape(B, S, self.n_heads * self.v_dim).to(x_BSD.dtype)
+            return self.o_proj(out_BSd), probs_BHST if eager else None
         k_nope_BHTN, v_BHTU = self._expand_kv(c_kv_BTC)
         T = c_kv_BTC.shape[1]
         k_BHTd = torch.cat(
@@ -204,6 +222,15 @@ class DeepseekV3Attention(nn.Module):
         q_BHSd = torch.cat([q_nope_BSHN, q_rope_BSHR], dim=-1).transpose(1, 2)
         out_BHSU, probs_BHST = self._attend(q_BHSd, k_BHTd, v_BHTU, mask_B1ST)
         return self.o_proj(out_BHSU.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim)), probs_BHST
+
+    def _absorbed_weight(self, S: int, T: int, dtype: torch.dtype) -> torch.Tensor | None:
+        # kv_b_proj's dense weight when the absorbed form is to be used, else None (expanded form).
+        if self.mla_path == "expanded":
+            return None
+        dims = (self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_rank)
+        if self.mla_path == "auto" and not prefer_absorbed(S, T, *dims):
+            return None
+        return dense_kv_b_weight(self.kv_b_proj, dtype, self)
 
 
 # ------------------------------------------------------------------------------------------------------- MLP
@@ -273,7 +300,11 @@ class DeepseekV3MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Sort the M*K (token, expert) pairs by expert, run each expert that got tokens once on its contiguous
         # slice, scatter back weighted. Python loops only over the experts that were hit (<= M*K of them).
-        # Also returns the per-expert token counts (E,) it needs anyway: the load statistics.
+        # Also returns the per-expert token counts (E,) it needs anyway: the load statistics. Inference with
+        # plain expert Linears takes the grouped, sync-free path instead (moe_grouped.py), same numbers.
+        stack = expert_stack(self, self.experts, DeepseekV3MLP)
+        if stack is not None:
+            return grouped_experts(stack, x_MD, idx_MK, weight_MK)
         M, K = idx_MK.shape
         flat_idx = idx_MK.flatten()
         order = flat_idx.argsort(stable=True)
@@ -636,27 +667,55 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
 # ----------------------------------------------------------------------------------------------------- model
 def attention_mask_4d(
-    attention_mask: torch.Tensor | None, B: int, S: int, past: int, device: torch.device
+    attention_mask: torch.Tensor | None,
+    B: int,
+    S: int,
+    past: int | torch.Tensor,
+    device: torch.device,
+    kv_len: int | None = None,
 ) -> torch.Tensor:
-    """Boolean (B, 1, S, T) mask, True = may attend: causal, and padding from a 2-D (B, T) mask."""
+    """Boolean (B, 1, S, T) mask, True = may attend: causal, and padding from a 2-D (B, past + S) mask. T is
+    past + S, or `kv_len` when the cache hands back more slots than it holds (a static cache returns all of its
+    max_cache_len slots; the unfilled ones lie after the queries and are masked as future). `past` may be a
+    0-d tensor (a static cache's length), so that compiled decode steps do not specialise on it."""
     if attention_mask is not None and attention_mask.dim() == 4:
         # A prepared 4-D mask: boolean, or additive (0 = attend, large negative = masked).
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     else:
-        T = past + S
-        q_pos, k_pos = torch.arange(past, T, device=device), torch.arange(T, device=device)
+        T = kv_len if kv_len is not None else past + S
+        q_pos = torch.arange(S, device=device) + past
+        k_pos = torch.arange(T, device=device)
         mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
         if attention_mask is not None:
-            if attention_mask.shape != (B, T):
+            L = attention_mask.shape[-1]
+            if (
+                attention_mask.dim() != 2
+                or attention_mask.shape[0] != B
+                or not (L == T or (kv_len is not None and L <= T))
+            ):
                 raise ValueError(
-                    f"attention_mask: expected shape {(B, T)} (past + new tokens), "
+                    f"attention_mask: expected shape {(B, past + S)} (past + new tokens), "
                     f"got {tuple(attention_mask.shape)}"
                 )
-            mask = mask & attention_mask.bool()[:, None, None, :]
+            keep_BT = attention_mask.bool()
+            if L < T:
+                keep_BT = F.pad(keep_BT, (0, T - L), value=False)
+            mask = mask & keep_BT[:, None, None, :]
         mask = mask.expand(B, 1, S, T)
     # A left-padding query row sees no key at all; let it attend everywhere (its output is never used) so that
     # softmax stays finite and gradients stay clean.
     return mask | ~mask.any(-1, keepdim=True)
+
+
+def _cache_sizes(cache: Cache | None, S: int) -> tuple[int | torch.Tensor, int | None]:
+    """(tokens already cached, key slots the attention will see after adding S), the latter None when it is simply
+    past + S. A static cache returns all of its preallocated slots."""
+    if cache is None:
+        return 0, None
+    past = cache.get_seq_length()
+    # get_max_length: -1 for growing caches; layers are created lazily, so an empty cache has none to ask.
+    max_len = cache.get_max_length() if getattr(cache, "layers", None) else -1
+    return past, (max_len if max_len is not None and max_len > 0 else None)
 
 
 def _sum_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -746,13 +805,13 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputation would write the cache twice
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+            past_key_values = LatentCache()
         h_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S, _ = h_BSD.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past, kv_len = _cache_sizes(past_key_values, S)
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, B, S, past, h_BSD.device)
-        mask_B1ST = attention_mask_4d(attention_mask, B, S, past, h_BSD.device)
+        mask_B1ST = attention_mask_4d(attention_mask, B, S, past, h_BSD.device, kv_len)
         rope_cos_sin = self.rotary_emb(position_ids)
         all_hidden, all_attn, aux_B = [], [], None
         for layer in self.layers[: self.config.num_hidden_layers]:
@@ -781,7 +840,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2:
             # Left padding: the first real token of every row sits at position 0.
             return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
-        return torch.arange(past, past + S, device=device)[None].expand(B, S)
+        return (torch.arange(S, device=device) + past)[None].expand(B, S)
 
     def mtp_forward(
         self,
@@ -883,6 +942,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.last_mtp_stats = None  # MTPStats of the last generate(use_mtp=True)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -964,6 +1024,25 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             mtp_logits=tuple(mtp_logits) if mtp_logits is not None else None,
         )
         return result if return_dict else result.to_tuple()
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """transformers' generate, plus `use_mtp=True`: speculative decoding with the MTP module as drafter (any
+        batch size, left padding; mtp_decoding.py). Greedy output is identical to plain greedy decoding; sampling
+        keeps the model's distribution. The run's acceptance is left in `self.last_mtp_stats`."""
+        config = generation_config or self.generation_config
+        use_mtp = kwargs.pop("use_mtp", None)
+        if use_mtp is None:
+            use_mtp = bool(getattr(config, "use_mtp", False))
+        if not use_mtp:
+            static = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+            if "past_key_values" not in kwargs and static is None:
+                # The default cache, but appending in place (latent_cache.py), sized for the whole generation.
+                ids = inputs if inputs is not None else kwargs.get("input_ids")
+                new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None)) or 0
+                kwargs["past_key_values"] = LatentCache(ids.shape[-1] + new if ids is not None else 0)
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
+        sequences, self.last_mtp_stats = mtp_generate(self, inputs, generation_config, **kwargs)
+        return sequences
 
 
 DeepseekV3Config.register_for_auto_class()

@@ -235,7 +235,9 @@ def validate_quant_config(quant: dict[str, Any]) -> dict[str, Any]:
     method = quant.get("quant_method")
     if method == "gptq":
         if quant.get("bits") not in PACK_BITS:
-            raise ValueError(f"quantization_config.bits: GPTQ supports {PACK_BITS}, got {quant.get('bits')!r}")
+            raise ValueError(
+                f"quantization_config.bits: GPTQ supports {PACK_BITS}, got {quant.get('bits')!r}"
+            )
         if not quant.get("sym", True):
             raise ValueError("quantization_config.sym: only symmetric GPTQ checkpoints are supported")
         if quant.get("checkpoint_format", "gptq") != "gptq":
@@ -246,10 +248,14 @@ def validate_quant_config(quant: dict[str, Any]) -> dict[str, Any]:
     for key, group in (quant.get("config_groups") or {}).items():
         fmt = group.get("format") or quant.get("format")
         if fmt not in COMPRESSED_FORMATS:
-            raise ValueError(f"quantization_config.format: supported {COMPRESSED_FORMATS}, got {fmt!r} ({key})")
+            raise ValueError(
+                f"quantization_config.format: supported {COMPRESSED_FORMATS}, got {fmt!r} ({key})"
+            )
         weights = group.get("weights") or {}
         if weights.get("type", "int") != "int" or not weights.get("symmetric", True):
-            raise ValueError(f"quantization_config.config_groups.{key}.weights: only symmetric int is supported")
+            raise ValueError(
+                f"quantization_config.config_groups.{key}.weights: only symmetric int is supported"
+            )
         bits, strategy = weights.get("num_bits"), weights.get("strategy")
         if fmt == "int-quantized" and (bits != 8 or strategy != "channel"):
             raise ValueError(

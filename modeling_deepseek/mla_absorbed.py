@@ -1,0 +1,125 @@
+# Absorbed Multi-head Latent Attention (DeepSeek-V2/V3 inference, vLLM, llama.cpp): attention computed directly
+# over the cached latent, never expanding per-head keys and values for the cached tokens.
+#
+# kv_b_proj's weight [H * (N + U), C] is, per head, [W_UK (N x C) ; W_UV (U x C)]. The expanded form computes
+#   k_nope_t = W_UK c_t, v_t = W_UV c_t                    (for every cached token t: H * (N + U) * C per token)
+#   score_t = q_nope . k_nope_t + q_rope . k_rope_t,       out = sum_t p_t v_t
+# and the absorbed form moves the matrices onto the query and the output (associativity, exactly the same math):
+#   q_lat = W_UK^T q_nope (C values per head)   score_t = q_lat . c_t + q_rope . k_rope_t
+#   out = W_UV (sum_t p_t c_t)
+# so a decode step reads the C + R latent values per cached token once and does O(H * C) work per token instead
+# of O(H * C * (N + U)). For prefill (S queries over S keys) the expanded form does fewer FLOPs; `prefer_absorbed`
+# picks by the FLOP count of both forms.
+#
+# The absorbed matrices are *derived* from kv_b_proj's weight, never stored in the state dict. For a plain Linear
+# they are views of its weight (zero copies, always current: training steps, load_state_dict and .to() are seen
+# for free). For FP8 / integer-quantized kv_b_proj they are dequantized once into the compute dtype and cached on
+# the attention module, keyed by the identity and version counter of every tensor of kv_b_proj (any in-place
+# update, reload or cast changes the key). Anything else (a PEFT adapter around kv_b_proj, an offloaded module
+# whose weights live on the meta device) uses the expanded path, which is always correct.
+#
+# Shapes: B batch, S query length, T key length, H heads, N qk_nope_head_dim, R qk_rope_head_dim, U v_head_dim,
+# C kv_lora_rank; h = H * S (heads folded into query rows, index h * S + s), M = B * S.
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MLA_PATHS = ("auto", "absorbed", "expanded")
+
+
+def prefer_absorbed(S: int, T: int, H: int, N: int, R: int, U: int, C: int) -> bool:
+    """True when the absorbed form needs fewer multiply-adds than the expanded one for S queries over T keys."""
+    expanded = T * C * H * (N + U) + H * S * T * (N + R + U)
+    absorbed = S * H * C * (N + U) + H * S * T * (2 * C + R)
+    return absorbed < expanded
+
+
+def _tensor_key(module: nn.Module, dtype: torch.dtype) -> tuple:
+    # Identity + version counter of every tensor: in-place updates (optimizer steps, load_state_dict, copy_) bump
+    # the version, replacements and casts change the data pointer, dtype or device.
+    tensors = [*module.parameters(), *module.buffers()]
+    return (dtype, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+
+
+def dense_kv_b_weight(kv_b_proj: nn.Module, dtype: torch.dtype, owner: nn.Module) -> torch.Tensor | None:
+    """kv_b_proj's weight [H * (N + U), C] in `dtype`, or None when it cannot be had exactly (callers then use the
+    expanded path). Casts and dequantizations are cached on `owner` (a plain attribute: never saved or moved)."""
+    if type(kv_b_proj) is nn.Linear:
+        weight = kv_b_proj.weight
+        if weight.is_meta or kv_b_proj.bias is not None:
+            return None
+        if weight.dtype == dtype:
+            return weight  # a view: nothing to cache, nothing to invalidate
+    elif hasattr(kv_b_proj, "dequantized_weight") and getattr(kv_b_proj, "bias", None) is None:
+        # FP8Linear and the integer-quantized linears (quantized.py) all expose the dense weight this way.
+        if any(t.is_meta for t in kv_b_proj.parameters()):
+            return None  # offloaded: accelerate only brings the weight in for kv_b_proj's own forward
+    else:
+        return None
+    if torch.compiler.is_compiling():
+        # Under torch.compile the cache is read as it is (the eager warm-up step filled it); recomputing it in
+        # the graph would dequantize at every step.
+        cached = getattr(owner, "_absorbed_cache", None)
+        if cached is not None:
+            return cached[1]
+    key = _tensor_key(kv_b_proj, dtype)
+    cached = getattr(owner, "_absorbed_cache", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            if type(kv_b_proj) is nn.Linear:
+                weight = kv_b_proj.weight.detach().to(dtype)
+            else:
+                weight = kv_b_proj.dequantized_weight(dtype)
+        cached = (key, weight)
+        owner._absorbed_cache = cached
+    return cached[1]
+
+
+def absorbed_attention(
+    q_nope_BSHN: torch.Tensor,
+    q_rope_BSHR: torch.Tensor,
+    c_kv_BTC: torch.Tensor,
+    k_rope_BTR: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    mask_B1ST: torch.Tensor | None,
+    scale: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the latent cache. Returns (out (B, S, H, U), probabilities (B, H, S, T))."""
+    B, S, H, N = q_nope_BSHN.shape
+    T, C = c_kv_BTC.shape[1], c_kv_BTC.shape[2]
+    w_HdC = w_kv_b.view(H, -1, C)  # per head [W_UK ; W_UV]
+    w_uk_HNC, w_uv_HUC = w_HdC[:, :N], w_HdC[:, N:]
+    dtype = c_kv_BTC.dtype
+    # Fold W_UK into the query, per head: q_lat[h] = q_nope[h] W_UK[h] ((B*S) x N times N x C). Heads then become
+    # extra query columns (index h * S + s): one T x (H * S) matmul per row of the batch against the shared
+    # latent, the cache as the tall left operand (with the cache on the right, small-M kernels run ~2x slower).
+    q_HMN = q_nope_BSHN.to(dtype).permute(2, 0, 1, 3).reshape(H, B * S, N)
+    q_lat_BhC = torch.bmm(q_HMN, w_uk_HNC.to(dtype)).view(H, B, S, C).transpose(0, 1).reshape(B, H * S, C)
+    q_rope_BhR = q_rope_BSHR.to(dtype).transpose(1, 2).reshape(B, H * S, -1)
+    scores_BTh = torch.baddbmm(
+        torch.bmm(k_rope_BTR, q_rope_BhR.transpose(1, 2)), c_kv_BTC, q_lat_BhC.transpose(1, 2)
+    )
+    # Softmax over T in fp32 (or wider, for an fp64 model).
+    scores_BTHS = scores_BTh.view(B, T, H, S).to(torch.promote_types(dtype, torch.float32)) * scale
+    if mask_B1ST is not None:
+        scores_BTHS = scores_BTHS.masked_fill(~mask_B1ST.permute(0, 3, 1, 2), float("-inf"))
+    probs_BTHS = F.softmax(scores_BTHS, dim=1).to(dtype)
+    if dropout:
+        probs_BTHS = F.dropout(probs_BTHS, p=dropout, training=True)
+    # Attend over the latent, then W_UV per head: out[b, s, h] = W_UV[h] (sum_t p[b, h, s, t] c[b, t]).
+    o_lat_BhC = torch.bmm(probs_BTHS.reshape(B, T, H * S).transpose(1, 2), c_kv_BTC)
+    # W_UV as the row-major left operand (U x C times C x (B*S)): bf16 kernels are ~3x faster that way round.
+    o_lat_HCM = o_lat_BhC.view(B, H, S, C).permute(1, 3, 0, 2).reshape(H, C, B * S)
+    out_HUM = torch.bmm(w_uv_HUC.to(dtype), o_lat_HCM)
+    return out_HUM.view(H, -1, B, S).permute(2, 3, 0, 1), probs_BTHS.permute(0, 2, 3, 1)
+
+
+def set_mla_path(model: nn.Module, path: str) -> None:
+    """Choose the attention form of every MLA module: "auto" (absorbed where it needs fewer FLOPs, i.e. decode),
+    "absorbed" (always, where the weight allows) or "expanded" (always; the reference)."""
+    if path not in MLA_PATHS:
+        raise ValueError(f"mla path: choose from {', '.join(MLA_PATHS)}, got {path!r}")
+    for module in model.modules():
+        if hasattr(module, "mla_path"):
+            module.mla_path = path

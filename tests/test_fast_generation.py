@@ -1,0 +1,369 @@
+"""Fast generation: absorbed MLA decode, sync-free grouped MoE, static cache + torch.compile, MTP speculative
+decoding. Each fast path against the reference path it replaces (and transformers' native DeepseekV3)."""
+
+import importlib
+
+import pytest
+import torch
+from dsv3.convert.tiny import random_tiny_model
+from dsv3.modeling_deepseek.mla_absorbed import prefer_absorbed, set_mla_path
+from dsv3.modeling_deepseek.mtp_decoding import Sampling, _verify, processed_probs
+from transformers import AutoModelForCausalLM
+from transformers import DeepseekV3ForCausalLM as Native
+
+
+def _load(path, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=True, dtype=torch.float32, **kwargs
+    ).eval()
+
+
+def _left_padded(lengths, seed=3, vocab=512):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), 2)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[i, width - n :] = 1
+    return ids, mask
+
+
+def _decode_logits(model, ids, mask, prefill):
+    # Prefill `prefill` tokens, then decode the rest one token at a time; all logits (B, S, V).
+    with torch.no_grad():
+        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            step = model(
+                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True
+            )
+            steps.append(step.logits)
+    return torch.cat(steps, 1)
+
+
+# ------------------------------------------------------------------------------------------- absorbed MLA
+@pytest.mark.parametrize("prefill", [1, 9, 30])
+def test_absorbed_decode_equals_expanded_and_native_with_padding(tiny_ckpt, prefill):
+    path = tiny_ckpt("v3")
+    ours, native = _load(path), Native.from_pretrained(path, dtype=torch.float32).eval()
+    ids, mask = _left_padded([34, 25, 31])
+    with torch.no_grad():
+        reference = native(ids, attention_mask=mask).logits
+    real = mask.bool()
+    for path_name in ("absorbed", "expanded"):
+        set_mla_path(ours, path_name)
+        logits = _decode_logits(ours, ids, mask, prefill)
+        assert (logits - reference)[real].abs().max().item() <= 1e-4, path_name
+
+
+def test_auto_path_absorbs_for_decode_and_expands_for_prefill(tiny_ckpt, monkeypatch):
+    model = _load(tiny_ckpt("v3"))
+    cfg = model.config
+    dims = (
+        cfg.num_attention_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    )
+    assert prefer_absorbed(1, 100, *dims) and prefer_absorbed(2, 100, *dims)  # decode, MTP verification
+    assert not prefer_absorbed(100, 100, *dims)  # prefill
+    seen = []
+    attn_cls = type(model.model.layers[0].self_attn)
+    original = attn_cls._absorbed_weight
+
+    def spy(self, S, T, dtype):
+        w = original(self, S, T, dtype)
+        seen.append((S, w is not None))
+        return w
+
+    monkeypatch.setattr(attn_cls, "_absorbed_weight", spy)
+    model.generate(torch.randint(3, 512, (1, 12)), max_new_tokens=3, do_sample=False)
+    assert seen[0] == (12, False) and all(absorbed for S, absorbed in seen[1:] if S == 1), seen
+
+
+def test_absorbed_matrices_are_derived_never_saved_and_follow_weight_changes():
+    model = random_tiny_model("v3")
+    keys = set(model.state_dict())
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(5))
+    attn = model.model.layers[0].self_attn
+
+    def decode_diff():
+        set_mla_path(model, "absorbed")
+        a = _decode_logits(model, ids, torch.ones_like(ids), 6)
+        set_mla_path(model, "expanded")
+        b = _decode_logits(model, ids, torch.ones_like(ids), 6)
+        return (a - b).abs().max().item()
+
+    assert decode_diff() <= 1e-4
+    with torch.no_grad():  # an optimizer-like in-place step on kv_b_proj
+        attn.kv_b_proj.weight.mul_(1.5)
+    assert decode_diff() <= 1e-4
+    model.to(torch.float64)  # a cast: the absorbed form follows the new dtype
+    assert decode_diff() <= 1e-9
+    assert set(model.state_dict()) == keys
+
+
+def test_absorbed_decode_on_kept_fp8_weights_uses_the_dequantized_kv_b(tmp_path):
+    from dsv3.convert.tiny import build_tiny
+
+    path = build_tiny(tmp_path / "fp8", "v3", fp8=True)
+    model = _load(path, fp8_mode="keep")
+    assert type(model.model.layers[0].self_attn.kv_b_proj).__name__ == "FP8Linear"
+    ids = torch.randint(3, 512, (2, 14), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    set_mla_path(model, "absorbed")
+    a = _decode_logits(model, ids, mask, 5)
+    assert model.model.layers[0].self_attn._absorbed_cache is not None
+    set_mla_path(model, "expanded")
+    b = _decode_logits(model, ids, mask, 5)
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_identical_on_both_attention_paths(tiny_ckpt):
+    model = _load(tiny_ckpt("v3"))
+    ids, mask = _left_padded([10, 6, 9], seed=4)
+    outs = []
+    for name in ("absorbed", "expanded"):
+        set_mla_path(model, name)
+        outs.append(
+            model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=2)
+        )
+    assert torch.equal(*outs)
+
+
+# ------------------------------------------------------------------------------------------- grouped MoE
+def test_grouped_moe_equals_per_expert_loop_and_keeps_the_experts_as_parameters():
+    model = random_tiny_model("v3")
+    ids = torch.randint(3, 512, (3, 16), generator=torch.Generator().manual_seed(7))
+    loop = model(ids).logits.detach()  # grad enabled: the per-expert loop (training path)
+    with torch.no_grad():
+        grouped = model(ids).logits
+    assert (loop - grouped).abs().max().item() <= 1e-5
+    moe = model.model.layers[1].mlp
+    stack = moe._expert_stack.stacks[0]
+    assert all(e.gate_proj.weight.data_ptr() == stack[i].data_ptr() for i, e in enumerate(moe.experts))
+    assert "model.layers.1.mlp.experts.3.gate_proj.weight" in model.state_dict()
+    assert not any("stack" in k for k in model.state_dict())
+
+
+def test_grouped_moe_decode_step_never_reads_tensors_on_the_host(tiny_ckpt):
+    from torch.overrides import TorchFunctionMode
+
+    host_reads = {"tolist", "item", "nonzero", "__bool__", "__int__", "__index__", "bincount"}
+
+    class Spy(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in host_reads:
+                self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = _load(tiny_ckpt("v3"))
+    moe = model.model.layers[1].mlp
+    x = torch.randn(2, 1, model.config.hidden_size)
+    with torch.no_grad():
+        expected = moe(x)[0]  # first call builds the stack
+        with Spy() as spy:
+            got = moe(x)[0]
+    assert spy.calls == [] and torch.allclose(got, expected)
+
+
+def test_grouped_moe_restacks_after_a_cast_and_the_model_still_saves_and_reloads(tiny_ckpt, tmp_path):
+    model = _load(tiny_ckpt("v3"))
+    ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        model(ids)
+        model.to(torch.float64).to(torch.float32)  # new storages: the stack must be rebuilt, not trusted
+        expected = model(ids).logits
+    moe = model.model.layers[1].mlp
+    assert moe.experts[5].up_proj.weight.data_ptr() == moe._expert_stack.stacks[1][5].data_ptr()
+    model.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        again = _load(tmp_path / "saved")(ids).logits
+    assert (again - expected).abs().max().item() <= 1e-5
+
+
+def test_moe_keeps_the_per_expert_path_when_an_expert_is_hooked(tiny_ckpt):
+    model = _load(tiny_ckpt("v3"))
+    seen = []
+    model.model.layers[1].mlp.experts[0].gate_proj.register_forward_hook(
+        lambda m, i, o: seen.append(i[0].shape)
+    )
+    with torch.no_grad():
+        model(torch.arange(3, 200).view(1, -1))
+    assert seen  # calibration hooks (GPTQ) still see their expert's inputs
+
+
+# ------------------------------------------------------------------------------------------- latent cache
+def test_latent_cache_appends_in_place_and_survives_crop_and_reordering():
+    from dsv3.modeling_deepseek.latent_cache import LatentCache
+
+    cache, gen = LatentCache(), torch.Generator().manual_seed(16)
+    steps = [torch.randn(2, 1, n, 8, generator=gen) for n in (5, 1, 1, 3)]
+    for k in steps:
+        keys, values = cache.update(k, k[..., :2], 0)
+    expected = torch.cat(steps, 2)
+    assert torch.equal(keys, expected) and torch.equal(values, expected[..., :2])
+    buffer = cache.layers[0]._buffers[0]
+    assert keys.data_ptr() == buffer.data_ptr()  # a view: no copy of the cached tokens per step
+    cache.crop(-2)
+    assert cache.get_seq_length() == 8
+    cache.batch_select_indices(torch.tensor([1]))  # replaced by a new tensor: adopted on the next update
+    new = torch.randn(1, 1, 1, 8, generator=gen)
+    keys, _ = cache.update(new, new[..., :2], 0)
+    assert torch.equal(keys, torch.cat([expected[1:, :, :8], new], 2))
+
+
+def test_default_generate_cache_gives_the_same_beams_and_samples_as_a_dynamic_cache(tiny_ckpt):
+    from transformers import DynamicCache
+
+    model = _load(tiny_ckpt("v3"))
+    ids, mask = _left_padded([7, 5], seed=17)
+    for kwargs in (dict(num_beams=3, do_sample=False), dict(do_sample=True)):
+        runs = []
+        for cache in (None, DynamicCache()):
+            extra = {} if cache is None else {"past_key_values": cache}
+            torch.manual_seed(0)
+            runs.append(
+                model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=2, **kwargs, **extra)
+            )
+        assert torch.equal(*runs), kwargs
+
+
+# --------------------------------------------------------------------------------- static cache + compile
+def test_static_cache_generation_equals_dynamic_cache(tiny_ckpt):
+    model = _load(tiny_ckpt("v3"))
+    ids, mask = _left_padded([9, 5], seed=9)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=2)
+    dynamic = model.generate(ids, **kwargs)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic, static)
+
+
+def test_decode_step_on_a_static_cache_traces_without_graph_breaks(tiny_ckpt):
+    from transformers import StaticCache
+
+    model = _load(tiny_ckpt("v3"))
+    ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(10))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        explained = torch._dynamo.explain(lambda t: model(t, past_key_values=cache, use_cache=True).logits)(
+            tok
+        )
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
+# ------------------------------------------------------------------------------------ MTP speculative decoding
+def _by_position(sequences, mask):
+    # Each row's tokens by RoPE position (the prompt without its padding, then the continuation), zero-padded at
+    # the end to a common width plus room for drafts past the end.
+    W = mask.shape[1]
+    rows = [torch.cat([r[:W][m.bool()], r[W:]]) for r, m in zip(sequences, mask, strict=True)]
+    return torch.nn.functional.pad(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), (0, 4))
+
+
+def _oracle_drafter(monkeypatch, model, truth_BN, wrong_every):
+    """Replace the MTP drafter's output by the true next-next token of each row (from a plain greedy run), except
+    at every `wrong_every`-th (position + row), where it drafts a wrong token: accepts and rejects mix across rows
+    and steps, as a trained MTP head's would, while the real drafter's cache bookkeeping still runs."""
+    # The model runs its checkpoint's copy of the remote code: patch that copy's mtp_decoding.
+    package = type(model).__module__.rpartition(".")[0]
+    drafter = importlib.import_module(f"{package}.mtp_decoding")._Drafter
+    real_call = drafter.__call__
+
+    def call(self, h_BSD, next_ids_BS, pos_BS, mask_BT):
+        real_call(self, h_BSD, next_ids_BS, pos_BS, mask_BT)
+        return pos_BS[..., None].float().expand(*pos_BS.shape, 2)  # carries the position to `logits`
+
+    def logits(self, h_BD):
+        pos_B = h_BD[:, 0].long()
+        rows = torch.arange(len(pos_B))
+        want = truth_BN[rows, (pos_B + 2).clamp(max=truth_BN.shape[1] - 1)]
+        wrong = (pos_B + rows) % wrong_every == 0
+        out = torch.full((len(pos_B), 512), -1e4)
+        out[rows, torch.where(wrong, (want + 1) % 512, want)] = 0.0
+        return out
+
+    monkeypatch.setattr(drafter, "__call__", call)
+    monkeypatch.setattr(drafter, "logits", logits)
+
+
+@pytest.mark.parametrize("lengths", [[13], [13, 6, 9, 11]])
+def test_mtp_greedy_output_is_identical_to_plain_greedy(tiny_ckpt, monkeypatch, lengths):
+    model = _load(tiny_ckpt("v3"))
+    model.generation_config.eos_token_id = None  # random weights: run the full length
+    ids, mask = _left_padded(lengths, seed=11)
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=2)
+    plain = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, use_mtp=True, **kwargs), plain)  # the real (untrained) head
+    _oracle_drafter(monkeypatch, model, _by_position(plain, mask), wrong_every=3)
+    assert torch.equal(model.generate(ids, use_mtp=True, **kwargs), plain)
+    stats = model.last_mtp_stats
+    assert 0.4 < stats.acceptance < 0.9 and stats.steps < 16, stats
+
+
+def test_mtp_stops_rows_at_end_of_sequence_like_plain_generate(tiny_ckpt, monkeypatch):
+    model = _load(tiny_ckpt("v3"))
+    ids, mask = _left_padded([8, 5, 7], seed=12)
+    model.generation_config.eos_token_id = None
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=2)
+    eos = int(free[1, ids.shape[1] + 4])  # row 1 produces this token at step 5: make it the end of sequence
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=eos)
+    plain = model.generate(ids, **kwargs)
+    _oracle_drafter(monkeypatch, model, _by_position(free, mask), wrong_every=4)
+    assert torch.equal(model.generate(ids, use_mtp=True, **kwargs), plain)
+
+
+def test_speculative_sampling_emits_the_target_distribution():
+    # Standard speculative sampling: whatever the draft distribution Q, the first emitted token follows P.
+    gen = torch.Generator().manual_seed(13)
+    V, N = 6, 200_000
+    p_logits, q_logits = torch.randn(V, generator=gen) * 2, torch.randn(V, generator=gen) * 2
+    s = Sampling(do_sample=True)
+    q = processed_probs(q_logits[None], s).expand(N, V)
+    torch.manual_seed(0)
+    draft = torch.multinomial(q, 1)[:, 0]
+    logits = torch.stack([p_logits, p_logits], 0)[None].expand(N, 2, V)
+    accepted, first, _ = _verify(logits, draft, q, s)
+    empirical = torch.bincount(first, minlength=V).float() / N
+    assert (empirical - processed_probs(p_logits[None], s)[0]).abs().max().item() < 0.006
+    expected_acceptance = torch.minimum(q[0], processed_probs(p_logits[None], s)[0]).sum().item()
+    assert abs(accepted.float().mean().item() - expected_acceptance) < 0.006
+
+
+def test_processed_probs_match_transformers_warpers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(14)) * 3
+    scores = TemperatureLogitsWarper(0.7)(None, logits.clone())
+    scores = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, scores))
+    ours = processed_probs(logits, Sampling(True, 0.7, 20, 0.8))
+    assert torch.allclose(ours, scores.softmax(-1), atol=1e-6)
+
+
+def test_mtp_sampling_is_reproducible_and_rejects_unsupported_settings(tiny_ckpt):
+    model = _load(tiny_ckpt("v3"))
+    ids, mask = _left_padded([7, 4], seed=15)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, use_mtp=True))
+    assert torch.equal(*runs) and runs[0].shape[0] == 2
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, use_mtp=True)
+
+
+def test_mtp_without_an_mtp_module_is_a_clear_error(tiny_ckpt):
+    model = _load(tiny_ckpt("moonlight"))
+    with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+        model.generate(torch.randint(3, 512, (1, 5)), max_new_tokens=3, use_mtp=True)
