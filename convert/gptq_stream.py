@@ -19,8 +19,6 @@ flushed, which makes every finished layer a resume point for an interrupted job.
 A Hessian that cannot be factorized at any dampening falls back to round-to-nearest (recorded per module).
 """
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -56,11 +54,20 @@ from .checkpoint import (
     with_auto_map,
     write_shard,
 )
-from .fp8 import JOB_KEY, MARKER, SCALE_SUFFIX, _exclusive, _job_id, _prepare_destination, _refuse_overlap
+from .fp8 import (
+    JOB_KEY,
+    MARKER,
+    SCALE_SUFFIX,
+    _exclusive,
+    _job_id,
+    _prepare_destination,
+    _read_json,
+    _refuse_overlap,
+)
 from .fp8 import _sigterm_unwinds as sigterm_unwinds
 from .gptq import DAMP_STEPS, GPTQResult, HessianAccumulator, dequantize, gptq_quantize, rtn
 from .quantize import IGNORE, _source_quantization
-from .record import new_record, now, write_record
+from .record import new_record, now, sha256_file, write_record
 
 STATE = ".dsv3-gptq-state.json"
 # Layer input / output (alternating), the MLP's normed input X, the MTP block's input.
@@ -170,14 +177,6 @@ def calibration_ids(calib: Path, tokenizer, nsamples: int, seqlen: int) -> torch
         )
     stride = len(ids) // nsamples
     return torch.stack([ids[i * stride : i * stride + seqlen] for i in range(nsamples)])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ the format
@@ -611,7 +610,7 @@ def quantize_gptq(
     _refuse_overlap(src, dst, reader)
     tokenizer = AutoTokenizer.from_pretrained(src)
     ids_NS = calibration_ids(calib, tokenizer, opts.nsamples, opts.seqlen)
-    job = {"job": "quantize-gptq", **opts.job(), "calib": calib.name, "calib_sha256": _sha256(calib)}
+    job = {"job": "quantize-gptq", **opts.job(), "calib": calib.name, "calib_sha256": sha256_file(calib)}
     job_id = _job_id(src, reader, job)
     layers = [*range(config.num_hidden_layers), *config.mtp_layer_indices]
     n_shards = 1 + len(layers)
@@ -638,13 +637,13 @@ def quantize_gptq(
     # No autograd anywhere: a Hessian accumulated in place from grad-tracking activations would keep every
     # forward's graph alive.
     with _exclusive(dst), sigterm_unwinds(), torch.no_grad():
-        index = _read(dst / INDEX_NAME)
+        index = _read_json(dst / INDEX_NAME)
         if not force and (index.get("metadata") or {}).get(JOB_KEY) == job_id and not (dst / MARKER).exists():
             report.already_complete = True
             return report
         marker = {"id": job_id, **job, "src": str(src.resolve())}
         # A resumed job keeps its state and activation files; a fresh one starts from an empty destination.
-        state = _read(dst / STATE) if _read(dst / MARKER).get("id") == job_id else {}
+        state = _read_json(dst / STATE) if _read_json(dst / MARKER).get("id") == job_id else {}
         _prepare_destination(dst, marker, set(), force or False)
         if not state:
             for name in WORK_FILES:
@@ -803,11 +802,3 @@ def _shard_keys(path: Path) -> list[str]:
 
     with safe_open(path, framework="pt") as f:
         return list(f.keys())
-
-
-def _read(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}

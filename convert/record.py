@@ -56,7 +56,7 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -66,7 +66,7 @@ def _sha256(path: Path) -> str:
 
 def file_digest(path: Path, hash_limit: int = HASH_LIMIT) -> dict:
     size = path.stat().st_size
-    return {"bytes": size, **({"sha256": _sha256(path)} if size <= hash_limit else {})}
+    return {"bytes": size, **({"sha256": sha256_file(path)} if size <= hash_limit else {})}
 
 
 def _hub_origin(folder: Path) -> tuple[str | None, str | None]:
