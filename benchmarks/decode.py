@@ -16,10 +16,12 @@ layer), random, stored in BF16, so every engine runs exactly the same numbers (f
   memory      peak RSS of a fresh process that loads the model and decodes (grouped experts stacked in place)
               over the model's bytes.
   MTP         generate(use_mtp=True) vs plain generate at batch 1 and 4 (left-padded prompts of different
-              lengths): speedup and draft acceptance, on (a) the bench weights trained briefly on predictable
-              text (counting sequences; the MTP head then agrees with the main model most of the time) and (b)
-              the trained demo model (dsv3.demo_model), or a random model when that is unavailable (acceptance
-              then means nothing).
+              lengths): speedup and draft acceptance, on (a) a 16-layer version of the bench layer with a
+              259-token vocabulary, trained briefly on predictable text (counting sequences; the MTP head then
+              agrees with the main model almost always); one draft costs about 1/16 of a main step, as one MTP
+              layer against 61 in V3 is small; (b) the 4-layer bench weights trained the same way (a draft there
+              costs about half a step: its 16k-token head dominates both); (c) the trained demo model
+              (dsv3.demo_model), or a random model when that is unavailable (acceptance then means nothing).
 llama.cpp needs `llama_cpp` importable (bash ../shared/tools/llamacpp/setup.sh .venv); without it that column
 says why it is empty. --quick: contexts 128 and 1024, fewer tokens and repeats, no compiled rows, shorter MTP
 training.
@@ -128,22 +130,31 @@ def counting_batch(gen: torch.Generator, B: int, S: int) -> torch.Tensor:
     return 3 + (start + torch.arange(S)) % CYCLE
 
 
-def predictable_checkpoint(workdir: Path, steps: int) -> Path:
-    """The bench weights after `steps` AdamW steps on counting sequences (MTP head tied to the main embedding and
+# MTP speed depends on what one draft costs against one main-model step: in DeepSeek-V3 the MTP module is 1 decoder
+# layer against 61 (and a 129k-token head that both share), on the 4-layer bench model it is about half a step (the
+# 16k-token head dominates both). This model keeps the bench layer but is deeper and has a vocabulary sized for
+# counting text, so a draft costs about what it costs in V3 relative to a layer: 1 MTP layer against 16.
+MTP_BENCH = dict(BENCH, num_hidden_layers=16, vocab_size=CYCLE + 3)
+
+
+def predictable_checkpoint(workdir: Path, steps: int, config: dict = BENCH, name: str = "bench") -> Path:
+    """`config`'s weights after `steps` AdamW steps on counting sequences (MTP head tied to the main embedding and
     head while training, as the demo model does; untied on save)."""
-    out = workdir / f"bench-counting-{steps}-v{RECIPE_VERSION}"
+    out = workdir / f"{name}-counting-{steps}-v{RECIPE_VERSION}"
     if out.exists():
         copy_remote_code(out)
         return out
-    log(f"training the bench model on predictable text ({steps} steps) -> {out}")
+    log(f"training the {name} model on predictable text ({steps} steps) -> {out}")
     torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**BENCH)).float()
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**config)).float()
     mtp = model.model.mtp_layers[0]
     mtp.embed_tokens.weight, mtp.shared_head.head.weight = (
         model.model.embed_tokens.weight,
         model.lm_head.weight,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    warmup = max(1, steps // 10)  # deeper models diverge at full rate from step 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch.Generator().manual_seed(0)
     model.train()
     for step in range(steps):
@@ -151,9 +162,10 @@ def predictable_checkpoint(workdir: Path, steps: int) -> Path:
         out_ = model(ids, labels=ids)
         out_.loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         model.update_expert_bias()
-        if (step + 1) % max(1, steps // 5) == 0:
+        if (step + 1) % max(1, steps // 10) == 0:
             log(f"  step {step + 1}/{steps}  lm {out_.lm_loss.item():.3f}  mtp {out_.mtp_loss.item():.3f}")
     mtp.embed_tokens.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
     mtp.shared_head.head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
@@ -521,9 +533,14 @@ def main() -> None:
     print()
 
     rows = []
+    deep = predictable_checkpoint(workdir, 60 if args.quick else 240, MTP_BENCH, "mtp-bench")
     trained = predictable_checkpoint(workdir, 60 if args.quick else 160)
     demo, demo_note = demo_checkpoint()
-    models = [("bench, trained on counting text", trained)]
+    layers = MTP_BENCH["num_hidden_layers"]
+    models = [
+        (f"{layers}-layer bench, vocab {MTP_BENCH['vocab_size']}, trained on counting text", deep),
+        ("4-layer bench, vocab 16k, trained on counting text", trained),
+    ]
     models.append(
         (demo_note, demo)
         if demo is not None

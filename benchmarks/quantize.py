@@ -72,6 +72,10 @@ def perplexity(folder: Path, test_ids: torch.Tensor, max_tokens: int) -> float:
     return math.exp(nll / count)
 
 
+def _num(x: float, digits: int) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
 def layer_bytes(folder: Path, layer: int) -> int:
     from dsv3.convert.checkpoint import CheckpointReader
 
@@ -136,12 +140,13 @@ def main() -> None:
 
     jobs = [("BF16", None, {}), ("FP8 (block 128)", "fp8", {}), ("INT8 W8A8 (channel)", "int8", {})]
     for targets in ("experts", "all"):
-        for method in ("rtn", "gptq"):
+        for method, act_order in (("rtn", False), ("gptq", False), ("gptq", True)):
             opts = dict(
                 bits=4, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
-                targets=targets, method=method,
+                targets=targets, method=method, act_order=act_order,
             )  # fmt: skip
-            jobs.append((f"{method.upper()}-W4 g{args.group_size}, {targets}", "gptq", {"opts": opts}))
+            label = f"{method.upper()}-W4 g{args.group_size}{' act-order' if act_order else ''}, {targets}"
+            jobs.append((label, "gptq", {"opts": opts}))
     rows = []
     for label, kind, extra in jobs:
         if kind is None:
@@ -164,15 +169,19 @@ def main() -> None:
     )
     print("| weights | perplexity | increase vs BF16 | time s | peak RSS GiB |\n|---|---|---|---|---|")
     for label, ppl, seconds, rss in rows:
-        print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {seconds:.1f} | {rss:.2f} |")
+        print(
+            f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {_num(seconds, 1)} | {_num(rss, 2)} |"
+        )
     by = {label: ppl for label, ppl, _, _ in rows}
     print("\n| target | ours | anchor | ratio |\n|---|---|---|---|")
     for targets in ("experts", "all"):
-        g = by[f"GPTQ-W4 g{args.group_size}, {targets}"] - base
         r = by[f"RTN-W4 g{args.group_size}, {targets}"] - base
-        print(
-            f"| GPTQ-W4 ppl increase vs RTN-W4's ({targets}); target <= 0.5 | {g:+.3f} | {r:+.3f} | {g / r:.2f} |"
-        )
+        for variant in ("", " act-order"):
+            g = by[f"GPTQ-W4 g{args.group_size}{variant}, {targets}"] - base
+            print(
+                f"| GPTQ-W4{variant} ppl increase vs RTN-W4's ({targets}); target <= 0.5 | {g:+.3f} | {r:+.3f} "
+                f"| {g / r:.2f} |"
+            )
     int8 = by["INT8 W8A8 (channel)"] / base - 1
     print(f"| INT8 ppl increase; target <= 1% | {100 * int8:+.2f}% | 1% | {int8 / 0.01:.2f} |")
     acts = 4 * args.nsamples * args.seqlen * config.hidden_size * 4  # four fp32 buffers (gptq_stream.ACTS)

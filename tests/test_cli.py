@@ -56,6 +56,11 @@ def test_demo_runs_end_to_end_on_the_trained_model(tmp_path, request, monkeypatc
     continuation = re.search(r"'The assignment statement' -> (['\"])(.+)\1", out).group(2)
     assert len(continuation.split()) >= 3
     assert "fp8_mode='keep'" in out and "logits identical: True" in out
+    # MTP speculative decoding: the same greedy tokens at batch 1 and with left padding, and the trained MTP head
+    # gets drafts accepted (a random one would almost never).
+    mtp = re.findall(r"batch (\d): identical to plain greedy = (\w+); .* draft acceptance (\d+)%", out)
+    assert [(b, same) for b, same, _ in mtp] == [("1", "True"), ("2", "True")], out
+    assert all(int(acc) >= 5 for _, _, acc in mtp)
     increase = float(re.search(r"-> INT8 [\d.]+ \(([-+\d.]+)%\)", out).group(1))
     assert abs(increase) < 5
 
