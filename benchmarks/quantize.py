@@ -1,6 +1,7 @@
 """Quantization quality, time and memory on the trained reference model (benchmarks/train_reference.py).
 
     bash scripts/bench.sh quantize [--model reference|demo] [--nsamples 128] [--seqlen 128] [--group-size 64]
+        [--llm-compressor /path/to/llmc-venv/bin/python]
 
 One run, same weights, same held-out data: wikitext-2 test perplexity (the reference recipe's held-out set) for
 BF16, FP8 (block 128), INT8 W8A8, and W4A16 by round-to-nearest and by GPTQ, each for the routed experts only and
@@ -8,6 +9,10 @@ for every decoder-block Linear (same group size), plus each job's wall time and 
 in its own process, so its peak RSS is its own. Calibration text: wikitext-2 valid (part of the model's training
 data), never the test set. Targets (issue 11): GPTQ-W4's perplexity increase <= 0.5x RTN-W4's; INT8's <= 1%;
 GPTQ peak RSS <= 2 x one decoder layer + calibration activations + 1 GiB.
+
+--llm-compressor PYTHON (the python of a separate venv with llm-compressor, which pins its own transformers) adds
+llm-compressor's GPTQ W4A16 on the same BF16 checkpoint, calibration windows and scheme, experts and all
+(benchmarks/llmcompressor_job.py), read back by our loader, as a reference for our GPTQ's increase.
 """
 
 import argparse
@@ -40,6 +45,28 @@ else:
     from dsv3.convert.gptq_stream import GPTQOptions, quantize_gptq
     quantize_gptq(args["src"], args["dst"], args["calib"], GPTQOptions(**args["opts"]))
 """
+
+
+def run_llmcompressor(python: str, args: list[str], log: Path) -> tuple[float, float, dict | str]:
+    """(seconds, peak RSS in GiB, the job's JSON line or, if it failed, the last line of its error) of
+    benchmarks/llmcompressor_job.py under `python`; its output goes to `log`, never through a pipe."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    try:
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [python, str(ROOT / "benchmarks" / "llmcompressor_job.py"), *args],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            _, status, usage = os.wait4(proc.pid, 0)
+    except OSError as err:
+        return float("nan"), float("nan"), f"{python}: {err.strerror or err}"
+    seconds, rss = time.perf_counter() - t0, usage.ru_maxrss / 2**20
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    if status == 0 and lines and lines[-1].startswith("{"):
+        return seconds, rss, json.loads(lines[-1])
+    why = lines[-1] if lines else f"exit status {status}, no output"
+    return seconds, rss, f"{why} (log: {log})"
 
 
 def run_job(kind: str, args: dict, threads: int) -> tuple[float, float]:
@@ -97,6 +124,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--eval-tokens", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument(
+        "--llm-compressor",
+        metavar="PYTHON",
+        help="python of a venv with llm-compressor: adds its GPTQ-W4 (experts, all) as a reference",
+    )
     ap.add_argument(
         "--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dsv3-bench-quantize"
     )
@@ -159,6 +191,34 @@ def main() -> None:
         ppl = perplexity(folder, test_ids, args.eval_tokens)
         rows.append((label, ppl, seconds, rss))
         print(f"  {label}: ppl {ppl:.3f}, {seconds:.1f}s, peak RSS {rss:.2f} GiB", flush=True)
+    llmc_failed, llmc_notes = [], []
+    for targets in ("experts", "all") if args.llm_compressor else ():
+        label = f"llm-compressor GPTQ-W4 g{args.group_size}, {targets}"
+        folder = work / f"llmcompressor_w4_g{args.group_size}_{targets}"
+        opts = dict(targets=targets, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen)
+        job = [str(bf16), str(folder), str(calib), "--threads", str(args.threads)]
+        job += [x for k, v in opts.items() for x in ("--" + k.replace("_", "-"), str(v))]
+        seconds, rss, info = run_llmcompressor(args.llm_compressor, job, work / f"{folder.name}.log")
+        try:
+            if isinstance(info, str):
+                raise RuntimeError(info)
+            ppl = perplexity(folder, test_ids, args.eval_tokens)
+        except Exception as err:  # a reference run: its failure is a result, not the benchmark's
+            llmc_failed.append((label, str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)))
+            print(f"  {label}: failed: {llmc_failed[-1][1]}", flush=True)
+            continue
+        rows.append((label, ppl, seconds, rss))
+        never = info.get("layers_never_calibrated") or []
+        if never:
+            llmc_notes.append(
+                f"{label}: {info['modules_never_calibrated']} of {info['modules_targeted']} targeted modules never "
+                f"saw calibration input ({', '.join(never)}), saved with uninitialized scales"
+            )
+        print(
+            f"  {label}: ppl {ppl:.3f}, {seconds:.1f}s, peak RSS {rss:.2f} GiB (llmcompressor "
+            f"{info.get('llmcompressor')}, transformers {info.get('transformers')})",
+            flush=True,
+        )
 
     base = rows[0][1]
     print(
@@ -172,6 +232,10 @@ def main() -> None:
         print(
             f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {_num(seconds, 1)} | {_num(rss, 2)} |"
         )
+    for label, why in llmc_failed:
+        print(f"| {label} | failed: {why} | | | |")
+    for note in llmc_notes:
+        print(f"\n{note}")
     by = {label: ppl for label, ppl, _, _ in rows}
     print("\n| target | ours | anchor | ratio |\n|---|---|---|---|")
     for targets in ("experts", "all"):
@@ -181,6 +245,13 @@ def main() -> None:
             print(
                 f"| GPTQ-W4{variant} ppl increase vs RTN-W4's ({targets}); target <= 0.5 | {g:+.3f} | {r:+.3f} "
                 f"| {g / r:.2f} |"
+            )
+        llmc = by.get(f"llm-compressor GPTQ-W4 g{args.group_size}, {targets}")
+        if llmc is not None:
+            g, ref = by[f"GPTQ-W4 g{args.group_size}, {targets}"] - base, llmc - base
+            print(
+                f"| GPTQ-W4 ppl increase vs llm-compressor GPTQ-W4's ({targets}); reference, no target | {g:+.3f} "
+                f"| {ref:+.3f} | {_num(g / ref if ref > 0 else float('nan'), 2)} |"
             )
     int8 = by["INT8 W8A8 (channel)"] / base - 1
     print(f"| INT8 ppl increase; target <= 1% | {100 * int8:+.2f}% | 1% | {int8 / 0.01:.2f} |")

@@ -278,6 +278,8 @@ def _oracle_drafter(monkeypatch, model, truth_BN, wrong_every):
     real_call = drafter.__call__
 
     def call(self, h_BSD, next_ids_BS, pos_BS, mask_BT):
+        if h_BSD.shape[-1] == 2:  # a chained draft step gets the position carrier below back as its input
+            h_BSD = h_BSD.new_zeros(*h_BSD.shape[:2], model.config.hidden_size)
         real_call(self, h_BSD, next_ids_BS, pos_BS, mask_BT)
         return pos_BS[..., None].float().expand(*pos_BS.shape, 2)  # carries the position to `logits`
 
@@ -308,6 +310,24 @@ def test_mtp_greedy_output_is_identical_to_plain_greedy(tiny_ckpt, monkeypatch, 
     assert 0.4 < stats.acceptance < 0.9 and stats.steps < 16, stats
 
 
+@pytest.mark.parametrize("lengths", [[13], [13, 6, 9, 11]])
+def test_chained_mtp_drafts_keep_greedy_output_identical(tiny_ckpt, monkeypatch, lengths):
+    # Three drafts per step, the MTP module chained on its own output: accepted prefixes of every length 0..3
+    # across rows and steps (the oracle is wrong at every 5th position), holes of different widths per row.
+    model = _load(tiny_ckpt("v3"))
+    model.generation_config.eos_token_id = None
+    ids, mask = _left_padded(lengths, seed=16)
+    kwargs = dict(attention_mask=mask, max_new_tokens=17, do_sample=False, pad_token_id=2)
+    plain = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, use_mtp=True, num_speculative_tokens=3, **kwargs), plain)
+    _oracle_drafter(monkeypatch, model, _by_position(plain, mask), wrong_every=5)
+    assert torch.equal(model.generate(ids, use_mtp=True, num_speculative_tokens=3, **kwargs), plain)
+    stats = model.last_mtp_stats
+    assert stats.draft_tokens == 3 and 1.5 < stats.accepted_per_step < 3 and stats.steps < 9, stats
+    with pytest.raises(ValueError, match="num_speculative_tokens must be an integer >= 1"):
+        model.generate(ids, use_mtp=True, num_speculative_tokens=0, **kwargs)
+
+
 def test_mtp_stops_rows_at_end_of_sequence_like_plain_generate(tiny_ckpt, monkeypatch):
     model = _load(tiny_ckpt("v3"))
     ids, mask = _left_padded([8, 5, 7], seed=12)
@@ -318,6 +338,8 @@ def test_mtp_stops_rows_at_end_of_sequence_like_plain_generate(tiny_ckpt, monkey
     plain = model.generate(ids, **kwargs)
     _oracle_drafter(monkeypatch, model, _by_position(free, mask), wrong_every=4)
     assert torch.equal(model.generate(ids, use_mtp=True, **kwargs), plain)
+    # With chained drafts the end of sequence can sit inside an accepted run: nothing after it is emitted.
+    assert torch.equal(model.generate(ids, use_mtp=True, num_speculative_tokens=3, **kwargs), plain)
 
 
 def test_speculative_sampling_emits_the_target_distribution():
@@ -330,11 +352,33 @@ def test_speculative_sampling_emits_the_target_distribution():
     torch.manual_seed(0)
     draft = torch.multinomial(q, 1)[:, 0]
     logits = torch.stack([p_logits, p_logits], 0)[None].expand(N, 2, V)
-    accepted, first, _ = _verify(logits, draft, q, s)
+    accepted, final = _verify(logits, draft[:, None], q[:, None], s)
+    first = torch.where(accepted == 1, draft, final)
     empirical = torch.bincount(first, minlength=V).float() / N
     assert (empirical - processed_probs(p_logits[None], s)[0]).abs().max().item() < 0.006
     expected_acceptance = torch.minimum(q[0], processed_probs(p_logits[None], s)[0]).sum().item()
     assert abs(accepted.float().mean().item() - expected_acceptance) < 0.006
+
+
+def test_chained_speculative_sampling_emits_the_target_distribution_at_every_depth():
+    # Two drafts per step: the first emitted token follows P_0 and, when the first draft was accepted, the second
+    # follows P_1 (the draft d_2 if it was accepted too, else the correction), whatever Q_1 and Q_2 are.
+    gen = torch.Generator().manual_seed(21)
+    V, N = 5, 200_000
+    p_logits = torch.randn(3, V, generator=gen) * 2  # P_0, P_1, P_2 (the bonus distribution)
+    q_logits = torch.randn(2, V, generator=gen) * 2
+    s = Sampling(do_sample=True)
+    q_KV = processed_probs(q_logits, s)
+    torch.manual_seed(1)
+    drafts = torch.stack([torch.multinomial(q_KV[k].expand(N, V), 1)[:, 0] for k in range(2)], 1)
+    accepted, final = _verify(p_logits[None].expand(N, 3, V), drafts, q_KV[None].expand(N, 2, V), s)
+    p_JV = processed_probs(p_logits, s)
+    first = torch.where(accepted >= 1, drafts[:, 0], final)
+    assert (torch.bincount(first, minlength=V).float() / N - p_JV[0]).abs().max().item() < 0.006
+    deeper = accepted >= 1
+    second = torch.where(accepted[deeper] == 2, drafts[deeper, 1], final[deeper])
+    assert (torch.bincount(second, minlength=V).float() / deeper.sum() - p_JV[1]).abs().max().item() < 0.01
+    assert 0 < (accepted == 2).float().mean() < (accepted >= 1).float().mean() < 1
 
 
 def test_processed_probs_match_transformers_warpers():
