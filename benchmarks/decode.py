@@ -362,25 +362,34 @@ def mtp_prompts(path: Path, vocab: int, batch: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def mtp_row(model, ids: torch.Tensor, mask: torch.Tensor, new: int, repeats: int) -> dict:
-    """Plain vs MTP generate, greedy; also checks that the tokens match."""
+def mtp_rows(
+    model, ids: torch.Tensor, mask: torch.Tensor, new: int, repeats: int, ks: list[int]
+) -> list[dict]:
+    """Plain vs MTP generate with K = each of `ks` draft tokens per step, greedy, best of `repeats` each (runs
+    interleaved, so slow drift on a busy machine hits all alike); also checks that the tokens match."""
     kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=2, eos_token_id=None)
-    times, outs = {}, {}
-    for use_mtp in (False, True):
-        best = float("inf")
-        for _ in range(repeats):
+    times, outs, stats = {}, {}, {}
+    for _ in range(repeats):
+        for k in [0, *ks]:  # 0: plain generate
+            extra = dict(use_mtp=True, num_speculative_tokens=k) if k else {}
             start = time.perf_counter()
-            outs[use_mtp] = model.generate(ids, use_mtp=use_mtp, **kwargs)
-            best = min(best, time.perf_counter() - start)
-        times[use_mtp] = best
+            outs[k] = model.generate(ids, **kwargs, **extra)
+            times[k] = min(times.get(k, float("inf")), time.perf_counter() - start)
+            if k:
+                stats[k] = model.last_mtp_stats
     tokens = ids.shape[0] * new
-    return {
-        "plain": tokens / times[False],
-        "mtp": tokens / times[True],
-        "speedup": times[False] / times[True],
-        "acceptance": model.last_mtp_stats.acceptance,
-        "identical": torch.equal(outs[False], outs[True]),
-    }
+    return [
+        {
+            "k": k,
+            "plain": tokens / times[0],
+            "mtp": tokens / times[k],
+            "speedup": times[0] / times[k],
+            "acceptance": stats[k].acceptance,
+            "per_step": 1 + stats[k].accepted_per_step,
+            "identical": torch.equal(outs[0], outs[k]),
+        }
+        for k in ks
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -556,21 +565,33 @@ def main() -> None:
         model = load_ours(path, torch.float32)
         for batch in (1, 4):
             log(f"MTP: {label}, batch {batch}")
-            r = mtp_row(model, *mtp_prompts(path, model.config.vocab_size, batch), mtp_new, repeats)
-            rows.append(
-                [
-                    f"{label}, batch {batch}",
-                    fmt(r["plain"]),
-                    fmt(r["mtp"]),
-                    fmt(r["speedup"], 2) + "x",
-                    f"{r['acceptance']:.1%}",
-                    "yes" if r["identical"] else "NO",
-                ]
-            )
+            prompts = mtp_prompts(path, model.config.vocab_size, batch)
+            for r in mtp_rows(model, *prompts, mtp_new, repeats, [1, 2, 3]):
+                rows.append(
+                    [
+                        f"{label}, batch {batch}",
+                        str(r["k"]),
+                        fmt(r["plain"]),
+                        fmt(r["mtp"]),
+                        fmt(r["speedup"], 2) + "x",
+                        f"{r['acceptance']:.1%}",
+                        fmt(r["per_step"], 2),
+                        "yes" if r["identical"] else "NO",
+                    ]
+                )
         del model
         gc.collect()
-    header = ["MTP (fp32 eager, greedy)", "plain tok/s", "MTP tok/s", "speedup", "acceptance", "same tokens"]
-    print(table("MTP speculative decoding", header, rows))
+    header = [
+        "MTP (fp32 eager, greedy)",
+        "drafts K",
+        "plain tok/s",
+        "MTP tok/s",
+        "speedup",
+        "acceptance",
+        "tokens/step",
+        "same tokens",
+    ]
+    print(table("MTP speculative decoding (K > 1: the MTP module chained on its own output)", header, rows))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,13 @@ group of `--group-size` input columns, the same modules left unquantized (lm_hea
 layer's eh_proj and shared_head.head), every decoder-block Linear (`all`) or the routed experts only
 (`experts`); activation order (compressed-tensors' "weight" ordering) only with --act-order, as in ours.
 DST is written in compressed-tensors' pack-quantized format with the tokenizer. The last line of stdout is one
-JSON object: wall seconds, the versions used, and a digest of the calibration windows.
+JSON object: wall seconds, the versions used, a digest of the calibration windows, this process's own peak RSS,
+and the targeted modules no calibration forward reached.
+
+Two shims make llm-compressor's sequential pipeline trace our remote code (tracing_ignore and
+keep_model_outputs_in_traces below); nothing in the model changes. The MTP layer (model.layers.{L}) only runs in
+a forward with labels, so llm-compressor never calibrates it and saves its projections with uninitialized scales
+(NaN or garbage); the main model's perplexity does not use it.
 """
 
 import argparse
@@ -72,6 +78,15 @@ def keep_model_outputs_in_traces() -> None:
         return original(self, a)
 
     helpers.SequentialTracer.create_arg = create_arg
+
+
+def vm_hwm_gib() -> float:
+    """This process's own peak RSS (VmHWM). Unlike a parent's wait4/getrusage ru_maxrss, which Linux floors at
+    the RSS of the process that spawned it (the pre-exec memory map's high-water mark is carried over)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB
+    return float("nan")
 
 
 def main() -> None:
@@ -165,6 +180,7 @@ def main() -> None:
                 "act_order": args.act_order,
                 "calib_windows": list(ids.shape),
                 "calib_sha256": ids_digest(ids),
+                "vm_hwm_gib": round(vm_hwm_gib(), 3),
                 "modules_targeted": len(targeted),
                 "modules_never_calibrated": len(never),
                 # e.g. ["model.layers.4"]: the decoder blocks holding them

@@ -215,8 +215,9 @@ def main() -> None:
                 f"saw calibration input ({', '.join(never)}), saved with uninitialized scales"
             )
         print(
-            f"  {label}: ppl {ppl:.3f}, {seconds:.1f}s, peak RSS {rss:.2f} GiB (llmcompressor "
-            f"{info.get('llmcompressor')}, transformers {info.get('transformers')})",
+            f"  {label}: ppl {ppl:.3f}, {seconds:.1f}s, peak RSS {rss:.2f} GiB (own VmHWM "
+            f"{info.get('vm_hwm_gib')} GiB; llmcompressor {info.get('llmcompressor')}, transformers "
+            f"{info.get('transformers')})",
             flush=True,
         )
 

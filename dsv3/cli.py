@@ -236,15 +236,18 @@ def generate(
     mtp: bool = typer.Option(
         False, "--mtp", help="MTP speculative decoding (same greedy text, fewer main-model forwards)."
     ),
+    draft_tokens: int = typer.Option(
+        1, help="With --mtp: draft tokens per step (more than 1 chains the MTP module on its own output)."
+    ),
 ):
     """Generate a continuation with the KV cache; prints the text (stdout), then tok/s and, with --mtp, the
     draft acceptance (stderr).
 
-    Example: dsv3 generate ./tiny-v3 --prompt "The quick brown fox" --max-new-tokens 16 --mtp
+    Example: dsv3 generate ./tiny-v3 --prompt "The quick brown fox" --max-new-tokens 16 --mtp --draft-tokens 2
     """
     from .generate import run_generation
 
-    result = run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp)
+    result = run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp, draft_tokens)
     typer.echo(result.text)
     typer.echo(result.summary(), err=True)
 

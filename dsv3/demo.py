@@ -2,7 +2,7 @@
 
 The demo model (trained on first use, then cached; see demo_model.py) -> DeepSeek's FP8 release layout ->
 convert FP8 <-> BF16 -> load (dequantized / kept FP8) -> compare with transformers' native class -> generate ->
-MTP training loss -> save and reload elsewhere -> INT8.
+MTP speculative decoding -> MTP training loss -> save and reload elsewhere -> INT8 -> GPTQ -> eval -> card.
 
 Each capability is one step function in STEPS, `step_xxx(ctx) -> None`, sharing a DemoContext: the folders
 written so far (ctx.paths), the tokenizer, loaded models (ctx.model(key)) and the results dict run_demo returns.

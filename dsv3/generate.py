@@ -60,14 +60,18 @@ def run_generation(
     sample: bool = False,
     seed: int = 0,
     mtp: bool = False,
+    draft_tokens: int = 1,
 ) -> Generation:
     """Load, generate (greedy, or sampled with the checkpoint's generation config), time it. With `mtp`, MTP
-    speculative decoding: the same greedy text, fewer main-model forwards."""
+    speculative decoding: the same greedy text, fewer main-model forwards; `draft_tokens` drafts per step (more
+    than 1 chains the MTP module)."""
     # Checked before the (possibly long) model load.
     if not prompt:
         raise ValueError("--prompt: must not be empty")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
+    if draft_tokens < 1:
+        raise ValueError(f"--draft-tokens: must be at least 1, got {draft_tokens}")
     if mtp:
         path = resolve_model_path(str(model))
         if not read_config(path).get("num_nextn_predict_layers"):
@@ -77,7 +81,7 @@ def run_generation(
     inputs = tokenizer(prompt, return_tensors="pt")
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id)
     if mtp:
-        kwargs["use_mtp"] = True
+        kwargs.update(use_mtp=True, num_speculative_tokens=draft_tokens)
     start = time.perf_counter()
     out = lm.generate(**inputs, **kwargs)
     seconds = time.perf_counter() - start
@@ -94,5 +98,6 @@ def generate_text(
     sample: bool = False,
     seed: int = 0,
     mtp: bool = False,
+    draft_tokens: int = 1,
 ) -> str:
-    return run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp).text
+    return run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp, draft_tokens).text

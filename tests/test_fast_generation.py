@@ -411,3 +411,15 @@ def test_mtp_without_an_mtp_module_is_a_clear_error(tiny_ckpt):
     model = _load(tiny_ckpt("moonlight"))
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         model.generate(torch.randint(3, 512, (1, 5)), max_new_tokens=3, use_mtp=True)
+
+
+def test_generate_command_with_chained_mtp_drafts_prints_the_plain_greedy_text(tiny_ckpt):
+    from dsv3.generate import run_generation
+
+    path = tiny_ckpt("v3")
+    plain = run_generation(path, "The quick brown fox", max_new_tokens=9)
+    mtp = run_generation(path, "The quick brown fox", max_new_tokens=9, mtp=True, draft_tokens=2)
+    assert mtp.text == plain.text and mtp.mtp.draft_tokens == 2
+    assert "2 per step" in mtp.summary() and "tokens per row per step" in mtp.summary()
+    with pytest.raises(ValueError, match="--draft-tokens: must be at least 1, got 0"):
+        run_generation(path, "hi", mtp=True, draft_tokens=0)
