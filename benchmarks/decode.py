@@ -547,7 +547,7 @@ def main() -> None:
     print()
 
     rows = []
-    deep = predictable_checkpoint(workdir, 60 if args.quick else 240, MTP_BENCH, "mtp-bench")
+    deep = predictable_checkpoint(workdir, 60 if args.quick else 200, MTP_BENCH, "mtp-bench")
     trained = predictable_checkpoint(workdir, 60 if args.quick else 160)
     demo, demo_note = demo_checkpoint()
     layers = MTP_BENCH["num_hidden_layers"]

@@ -44,6 +44,8 @@ elif kind == "int8":
 else:
     from dsv3.convert.gptq_stream import GPTQOptions, quantize_gptq
     quantize_gptq(args["src"], args["dst"], args["calib"], GPTQOptions(**args["opts"]))
+with open("/proc/self/status") as f:  # own peak RSS (see run_job)
+    print("VmHWM", next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
 """
 
 
@@ -70,17 +72,22 @@ def run_llmcompressor(python: str, args: list[str], log: Path) -> tuple[float, f
 
 
 def run_job(kind: str, args: dict, threads: int) -> tuple[float, float]:
-    """(seconds, peak RSS in GiB) of one job in a fresh process."""
+    """(seconds, peak RSS in GiB) of one job in a fresh process. The peak is the job's own VmHWM: a parent's
+    wait4/getrusage ru_maxrss for a child starts at the parent's RSS at fork time, so it would measure this
+    benchmark process rather than the job."""
     t0 = time.perf_counter()
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", JOB, kind, json.dumps(args), str(threads)], env=env, stderr=subprocess.PIPE
+    proc = subprocess.run(
+        [sys.executable, "-c", JOB, kind, json.dumps(args), str(threads)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{kind} job failed:\n{proc.stderr.read().decode()[-3000:]}")
-    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} job failed:\n{proc.stderr[-3000:]}")
+    peak = next(int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("VmHWM "))
+    return seconds, peak / 2**30
 
 
 @torch.no_grad()
@@ -199,6 +206,8 @@ def main() -> None:
         job = [str(bf16), str(folder), str(calib), "--threads", str(args.threads)]
         job += [x for k, v in opts.items() for x in ("--" + k.replace("_", "-"), str(v))]
         seconds, rss, info = run_llmcompressor(args.llm_compressor, job, work / f"{folder.name}.log")
+        if isinstance(info, dict) and info.get("vm_hwm_gib") is not None:
+            rss = float(info["vm_hwm_gib"])  # its own peak (see run_job), not the floored ru_maxrss
         try:
             if isinstance(info, str):
                 raise RuntimeError(info)

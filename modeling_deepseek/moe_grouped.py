@@ -171,7 +171,9 @@ def grouped_experts(
     )
     offs_E = counts_E.cumsum(0).to(torch.int32)  # end of each expert's group
     x_PD = x_MD[token_P].to(gate_EID.dtype)
-    y_PD = _GROUPED_MLP(x_PD, gate_EID, up_EID, down_EDI, offs_E)
+    # The custom op only matters to torch.compile; eager calls skip its dispatch (~80 us per layer per step).
+    grouped_mlp = _GROUPED_MLP if torch.compiler.is_compiling() else _grouped_mlp_impl
+    y_PD = grouped_mlp(x_PD, gate_EID, up_EID, down_EDI, offs_E)
     y_PD = y_PD.float() * weight_MK.flatten()[order_P, None]
     y_MD = torch.zeros(M, x_MD.shape[-1], dtype=torch.float32, device=x_MD.device)
     return y_MD.index_add(0, token_P, y_PD).to(x_MD.dtype), counts_E

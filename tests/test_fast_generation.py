@@ -148,7 +148,7 @@ def test_grouped_moe_equals_per_expert_loop_and_keeps_the_experts_as_parameters(
     assert not any("stack" in k for k in model.state_dict())
 
 
-def test_grouped_moe_decode_step_never_reads_tensors_on_the_host(tiny_ckpt):
+def test_grouped_moe_decode_step_never_reads_tensors_on_the_host(tiny_ckpt, monkeypatch):
     from torch.overrides import TorchFunctionMode
 
     host_reads = {"tolist", "item", "nonzero", "__bool__", "__int__", "__index__", "bincount"}
@@ -156,21 +156,36 @@ def test_grouped_moe_decode_step_never_reads_tensors_on_the_host(tiny_ckpt):
     class Spy(TorchFunctionMode):
         def __init__(self):
             super().__init__()
-            self.calls = []
+            self.calls, self.in_kernel = [], False
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in host_reads:
+            if getattr(func, "__name__", "") in host_reads and not self.in_kernel:
                 self.calls.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
     model = _load(tiny_ckpt("v3"))
     moe = model.model.layers[1].mlp
+    # Routing and dispatch must not read device tensors; the expert kernel itself may, on CPUs only (it reads the
+    # group offsets, already in host memory; on GPUs torch's grouped matmul keeps them on the device).
+    grouped = importlib.import_module(type(model).__module__.rpartition(".")[0] + ".moe_grouped")
+    kernel, kernel_calls = grouped._grouped_mlp_impl, []
+
+    def spied_kernel(*args):
+        kernel_calls.append(args[0].device.type)
+        spy.in_kernel = True
+        try:
+            return kernel(*args)
+        finally:
+            spy.in_kernel = False
+
+    monkeypatch.setattr(grouped, "_grouped_mlp_impl", spied_kernel)
     x = torch.randn(2, 1, model.config.hidden_size)
+    spy = Spy()
     with torch.no_grad():
         expected = moe(x)[0]  # first call builds the stack
-        with Spy() as spy:
+        with spy:
             got = moe(x)[0]
-    assert spy.calls == [] and torch.allclose(got, expected)
+    assert spy.calls == [] and kernel_calls == ["cpu", "cpu"] and torch.allclose(got, expected)
 
 
 def test_grouped_moe_restacks_after_a_cast_and_the_model_still_saves_and_reloads(tiny_ckpt, tmp_path):
