@@ -455,13 +455,23 @@ def _swap_in_int_linears(root: nn.Module, prefix: str, config: DeepseekV3Config)
                 setattr(root.get_submodule(parent), child, quantized)
 
 
-def _freeze_int_linears(model: nn.Module) -> None:
-    # transformers marks every loaded tensor trainable; integer weights and their scales are the checkpoint.
-    for module in model.modules():
+@torch.no_grad()
+def _finish_int_load(model: nn.Module) -> None:
+    # transformers marks every loaded tensor trainable; integer weights and their scales are the checkpoint. A
+    # non-finite scale (a corrupt file, or a module its quantizer never calibrated) is an error naming the tensor,
+    # not NaN logits later.
+    for name, module in model.named_modules():
         if isinstance(module, QUANTIZED_LINEARS):
             for key, p in module.named_parameters(recurse=False):
                 if key != "bias":
                     p.requires_grad_(False)
+            for key in module.SCALES:
+                scale = getattr(module, key)
+                if not scale.is_meta and not torch.isfinite(scale).all():
+                    raise ValueError(
+                        f"{name}.{key}: contains NaN or Inf (a quantization scale: the checkpoint is corrupt, or "
+                        "its quantizer never calibrated this module)"
+                    )
 
 
 @torch.no_grad()
@@ -641,7 +651,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             info = {**info, "mismatched_keys": []}
         _check_loading_info(pretrained_model_name_or_path, model, info)
         _finish_fp8_load(model)
-        _freeze_int_linears(model)
+        _finish_int_load(model)
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:

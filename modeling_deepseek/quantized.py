@@ -125,6 +125,8 @@ class _QuantizedLinear(nn.Module):
     layout and the loader fills them); module dtype casts (`.half()`, `.to(bf16)`) leave integer tensors alone
     (torch only casts floating tensors) - only float scales follow, like any float parameter."""
 
+    SCALES: tuple[str, ...] = ()  # the float scale tensors, checked finite at load
+
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -145,6 +147,8 @@ class _QuantizedLinear(nn.Module):
 
 class Int8Linear(_QuantizedLinear):
     """compressed-tensors int-quantized W8A8: int8 weights per output channel, int8 activations per token."""
+
+    SCALES = ("weight_scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias)
@@ -170,6 +174,8 @@ class PackedLinear(_QuantizedLinear):
     """compressed-tensors pack-quantized (W4A16 / W8A16): packed integers + per-group scales, dequantized per
     matmul into the activation dtype (weights never exist densely between calls)."""
 
+    SCALES = ("weight_scale",)
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool, bits: int, group: int, act_order: bool = False
     ) -> None:
@@ -191,6 +197,8 @@ class PackedLinear(_QuantizedLinear):
 class GPTQLinear(_QuantizedLinear):
     """GPTQ v1 (`checkpoint_format: gptq`), symmetric: qweight packed along the input dim, zero points stored
     minus one (the v1 convention), fp16 scales per group, g_idx per input column."""
+
+    SCALES = ("scales",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group: int) -> None:
         super().__init__(in_features, out_features, bias)

@@ -209,3 +209,32 @@ def test_kimi_style_int4_checkpoint_stays_packed_and_matches_its_dequantized_wei
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
     assert json.loads((q_dir / "config.json").read_text())["model_type"] == "kimi_k2"
+
+
+def _poison(folder, tensor: str) -> None:
+    # Rewrite the shard holding `tensor` with its first element set to NaN.
+    from safetensors.torch import load_file, save_file
+
+    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+    tensors = load_file(shard)
+    tensors[tensor] = tensors[tensor].clone()
+    tensors[tensor].view(-1)[0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_a_nan_quantization_scale_is_a_load_error_naming_the_tensor(tmp_path, int8_pair):
+    # llm-compressor leaves modules it never calibrated (the MTP layer) with uninitialised scales; such a file must
+    # not load into a model that silently computes NaN.
+    _, q_dir = _write_kimi_style_w4a16(tmp_path)
+    _poison(q_dir, "model.layers.1.mlp.experts.3.down_proj.weight_scale")
+    with pytest.raises(
+        ValueError, match=r"^model\.layers\.1\.mlp\.experts\.3\.down_proj\.weight_scale: contains NaN"
+    ):
+        AutoModelForCausalLM.from_pretrained(q_dir, trust_remote_code=True, dtype=torch.float32)
+    import shutil
+
+    int8 = tmp_path / "int8"
+    shutil.copytree(int8_pair["bf16"][1], int8)
+    _poison(int8, "model.layers.0.self_attn.o_proj.weight_scale")
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.self_attn\.o_proj\.weight_scale: contains NaN"):
+        AutoModelForCausalLM.from_pretrained(int8, trust_remote_code=True, dtype=torch.float32)
