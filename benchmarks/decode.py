@@ -21,7 +21,8 @@ layer), random, stored in BF16, so every engine runs exactly the same numbers (f
               agrees with the main model almost always); one draft costs about 1/16 of a main step, as one MTP
               layer against 61 in V3 is small; (b) the 4-layer bench weights trained the same way (a draft there
               costs about half a step: its 16k-token head dominates both); (c) the trained demo model
-              (dsv3.demo_model), or a random model when that is unavailable (acceptance then means nothing).
+              (dsv3.demo_model), or a random model when that is unavailable (acceptance then means nothing);
+              (d) the trained reference model (benchmarks/train_reference.py) when it is cached.
 llama.cpp needs `llama_cpp` importable (bash ../shared/tools/llamacpp/setup.sh .venv); without it that column
 says why it is empty. --quick: contexts 128 and 1024, fewer tokens and repeats, no compiled rows, shorter MTP
 training.
@@ -30,6 +31,7 @@ training.
 import argparse
 import contextlib
 import gc
+import json
 import math
 import os
 import subprocess
@@ -183,6 +185,19 @@ def demo_checkpoint() -> tuple[Path | None, str]:
     except ImportError as err:
         return None, f"dsv3.demo_model unavailable ({err})"
     return get_demo_model(log=log), "the trained demo model"
+
+
+def reference_checkpoint() -> Path | None:
+    """benchmarks/train_reference.py's model when it is cached (training it takes ~25 min: not done here)."""
+    from benchmarks.train_reference import RECIPE_VERSION as REFERENCE_RECIPE
+    from benchmarks.train_reference import cache_dir
+
+    out = cache_dir() / "reference-model"
+    meta = out / "dsv3-reference.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("recipe") != REFERENCE_RECIPE:
+        return None
+    copy_remote_code(out)  # this tree's model code
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -354,9 +369,12 @@ def mtp_prompts(path: Path, vocab: int, batch: int) -> tuple[torch.Tensor, torch
         return left_padded([counting_batch(gen, 1, n)[0] for n in lengths])
     from transformers import AutoTokenizer
 
-    from dsv3.corpus import pydoc_split
+    if path.name == "reference-model":  # its held-out text: wikitext-2 test
+        text = (SHARED / "data" / "text" / "wikitext2_test.txt").read_text()
+    else:
+        from dsv3.corpus import pydoc_split
 
-    text = pydoc_split()[1]
+        text = pydoc_split()[1]
     ids = AutoTokenizer.from_pretrained(path)(text[:20000], add_special_tokens=False).input_ids
     return left_padded([torch.tensor(ids[1000 * i : 1000 * i + n]) for i, n in enumerate(lengths)])
 
@@ -560,6 +578,14 @@ def main() -> None:
         if demo is not None
         else (f"random bench weights ({demo_note}; acceptance meaningless)", ckpt)
     )
+    reference = reference_checkpoint()
+    skipped = []
+    if reference is not None:
+        models.append(("the trained reference model (wikitext-2 test prompts)", reference))
+    else:
+        skipped.append(
+            "the reference model: not trained yet (bash scripts/bench.sh train_reference, ~25 min)"
+        )
     mtp_new = 16 if args.quick else 64
     for label, path in models:
         model = load_ours(path, torch.float32)
@@ -592,6 +618,8 @@ def main() -> None:
         "same tokens",
     ]
     print(table("MTP speculative decoding (K > 1: the MTP module chained on its own output)", header, rows))
+    for reason in skipped:
+        print(f"skipped: {reason}")
 
 
 if __name__ == "__main__":
