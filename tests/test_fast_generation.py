@@ -413,11 +413,14 @@ def test_processed_probs_match_transformers_warpers():
 def test_mtp_sampling_is_reproducible_and_rejects_unsupported_settings(tiny_ckpt):
     model = _load(tiny_ckpt("v3"))
     ids, mask = _left_padded([7, 4], seed=15)
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, use_mtp=True))
-    assert torch.equal(*runs) and runs[0].shape[0] == 2
+    for k in (1, 3):
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20)
+            runs.append(model.generate(ids, use_mtp=True, num_speculative_tokens=k, **kwargs))
+        assert torch.equal(*runs) and runs[0].shape == (2, ids.shape[1] + 6)
+        assert model.last_mtp_stats.draft_tokens == k
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, use_mtp=True)
 
