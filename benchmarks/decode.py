@@ -13,8 +13,9 @@ layer), random, stored in BF16, so every engine runs exactly the same numbers (f
               slowdown with context.
   prefill     tok/s of one forward over 512 tokens.
   cache       bytes per token per layer the engine's cache holds (ours: the 576-value latent).
-  memory      peak RSS of a fresh process that loads the model and decodes (grouped experts stacked in place)
-              over the model's bytes.
+  memory      peak RSS that loading the model and decoding add to a fresh process (grouped experts stacked in
+              place) over the model's bytes; the process first loads and runs a tiny checkpoint, so the fixed
+              cost of the libraries (~110 MB whatever the model's size) is not counted against the model.
   MTP         generate(use_mtp=True) vs plain generate at batch 1 and 4 (left-padded prompts of different
               lengths): speedup and draft acceptance, on (a) a 16-layer version of the bench layer with a
               259-token vocabulary, trained briefly on predictable text (counting sequences; the MTP head then
@@ -411,32 +412,44 @@ def mtp_rows(
 
 
 # ------------------------------------------------------------------------------------------------- memory
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec. The fixed cost of a
+# process that has loaded and run any checkpoint of this code (imports of transformers' generation and loading
+# machinery, the remote-code modules, allocator arenas: ~110 MB, the same for a 15 MB model as for this one) is
+# paid first, on a tiny checkpoint; the ratios are of what loading and decoding *this* model adds.
 MEMORY_PROBE = """
-import sys, torch
-torch.set_num_threads(int(sys.argv[3]))
+import gc, sys, torch
+torch.set_num_threads(int(sys.argv[4]))
 from transformers import AutoModelForCausalLM
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+def load_and_decode(path, dtype):
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    with torch.no_grad():
+        model.generate(torch.randint(3, 500, (1, 16)), max_new_tokens=4, do_sample=False, pad_token_id=2)
+    return model
+dtype = getattr(torch, sys.argv[3])
+del_model = load_and_decode(sys.argv[2], dtype)
+del del_model
+gc.collect()
 base = status("VmRSS")
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=getattr(torch, sys.argv[2]))
-with torch.no_grad():
-    model.generate(torch.randint(3, 1000, (1, 16)), max_new_tokens=4, do_sample=False, pad_token_id=2)
+model = load_and_decode(sys.argv[1], dtype)
 size = sum(t.nbytes for t in model.state_dict().values())
-print((status("VmHWM") - base) / size, (status("VmRSS") - base) / size)
+print((status("VmHWM") - base) / size, (status("VmRSS") - base) / size, base / 2**20)
 """
 
 
-def memory_ratio(path: Path, dtype: str, threads: int) -> tuple[float, float]:
+def memory_ratio(path: Path, tiny: Path, dtype: str, threads: int) -> tuple[float, float, float]:
+    """(peak RSS added / model bytes, final RSS added / model bytes, process RSS before in MiB), in a fresh
+    process that first loaded and ran `tiny` (see MEMORY_PROBE)."""
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(path), dtype, str(threads)],
+        [sys.executable, "-c", MEMORY_PROBE, str(path), str(tiny), dtype, str(threads)],
         capture_output=True,
         text=True,
         check=True,
     )
-    peak, final = out.stdout.split()
-    return float(peak), float(final)
+    peak, final, base = out.stdout.split()
+    return float(peak), float(final), float(base)
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -552,13 +565,24 @@ def main() -> None:
     print(table("KV cache", ["engine", "bytes/token/layer"], rows))
     print()
     rows = []
+    tiny = workdir / "tiny-v3"
+    if not tiny.exists():
+        from dsv3.convert.tiny import build_tiny
+
+        build_tiny(tiny, "v3")
+    copy_remote_code(tiny)
     for dtype in ("float32", "bfloat16"):
-        peak, final = memory_ratio(ckpt, dtype, args.threads)
-        rows.append([f"ours {dtype}", fmt(peak, 3), fmt(final, 3)])
+        peak, final, base = memory_ratio(ckpt, tiny, dtype, args.threads)
+        rows.append([f"ours {dtype}", fmt(peak, 3), fmt(final, 3), fmt(base, 0)])
     print(
         table(
-            "Memory (fresh process: load + decode)",
-            ["model", "peak RSS / model bytes", "final RSS / model bytes"],
+            "Memory (fresh process: what load + decode of this model add, after a tiny model paid the fixed cost)",
+            [
+                "model",
+                "peak RSS added / model bytes",
+                "final RSS added / model bytes",
+                "process RSS before, MiB",
+            ],
             rows,
         )
     )

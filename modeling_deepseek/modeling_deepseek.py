@@ -29,7 +29,7 @@ from .configuration_deepseek import AUTO_MAP, IN_MEMORY_MODEL_TYPE, DeepseekV3Co
 from .fp8 import FP8Linear, check_scale, is_fp8_linear
 from .latent_cache import LatentCache
 from .mla_absorbed import absorbed_attention, dense_kv_b_weight, prefer_absorbed
-from .moe_grouped import expert_stack, grouped_experts
+from .moe_grouped import drop_file_pages, expert_stack, file_mappings, grouped_experts
 from .mtp_decoding import mtp_generate
 from .quantized import QUANTIZED_LINEARS, make_quantized_linear
 
@@ -534,6 +534,30 @@ def _finish_fp8_load(model: nn.Module) -> None:
         config.fp8_quantization_config = {**quant, "modules_to_not_convert": sorted(plain)}
 
 
+def _release_idle_shard_pages(model: nn.Module, before: set[tuple[int, int]]) -> None:
+    # Shard mappings this load created stay mapped after loading; the pages of every tensor that was converted (an
+    # fp32 load of BF16 shards, FP8 dequantized) were read, and stay counted in RSS beside the converted copy.
+    # Release the parts of those mappings that no tensor of the model views (the files are untouched; see
+    # moe_grouped.drop_file_pages). Mappings that existed before this load may belong to another model: left alone.
+    new = [m for m in file_mappings(".safetensors") if (m[0], m[1]) not in before]
+    if not new:
+        return
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.device.type == "cpu" and not t.is_meta]
+    used = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors)
+    idle = []
+    for start, end, _ in new:
+        cursor = start
+        for lo, hi in used:
+            if hi <= cursor or lo >= end:
+                continue
+            if lo > cursor:
+                idle.append((cursor, lo))
+            cursor = max(cursor, hi)
+        if cursor < end:
+            idle.append((cursor, end))
+    drop_file_pages(idle, new)
+
+
 def _check_loading_info(source, model: nn.Module, info: dict) -> None:
     config = model.config
     last = config.num_hidden_layers + config.num_nextn_predict_layers
@@ -640,6 +664,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         # a silent corruption, so any missing, unexpected or misshaped tensor is an error that names it.
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        shards_before = {(start, end) for start, end, _ in file_mappings(".safetensors")}
         model, info = super().from_pretrained(
             pretrained_model_name_or_path,
             *args,
@@ -652,6 +677,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         _check_loading_info(pretrained_model_name_or_path, model, info)
         _finish_fp8_load(model)
         _finish_int_load(model)
+        _release_idle_shard_pages(model, shards_before)
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:

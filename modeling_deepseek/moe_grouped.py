@@ -10,7 +10,9 @@
 # (.to(), load_state_dict(assign=True), ...): every call checks that each expert's weight still points where the
 # stack expects it. In-place updates (optimizer steps, load_state_dict, copy_) write through the views and need
 # nothing. save_pretrained clones views that share a storage before writing (transformers' rule for
-# disjoint shared tensors), so checkpoints are unchanged.
+# disjoint shared tensors), so checkpoints are unchanged. When the experts' weights were zero-copy views of a
+# mapped shard, the pages they occupied in the mapping are released after the copy (drop_file_pages): the file is
+# untouched, and only the stack stays resident.
 #
 # The grouped path is taken only when it computes exactly what the per-expert modules would: every expert
 # projection a plain bias-free nn.Linear with no hooks (GPTQ calibration and PEFT see their modules called), no
@@ -114,6 +116,50 @@ def _plain_weights(experts: nn.ModuleList, expert_class: type) -> list[list[torc
     return weights
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def file_mappings(suffix: str = "") -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's file-backed memory mappings whose path ends with `suffix`; [] where
+    there is no /proc (not Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/") and parts[5].rstrip("\n").endswith(suffix):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[5].rstrip("\n")))
+    return out
+
+
+def drop_file_pages(spans: list[tuple[int, int]], mappings: list[tuple[int, int, str]] | None = None) -> int:
+    """Tell the kernel this process no longer needs the whole pages inside each (start, end) byte span, where the
+    span lies in a file-backed mapping (checked against /proc/self/maps: never anonymous memory, which this would
+    zero). The file's bytes are unchanged and any later read faults them back in, so this only stops counting
+    pages nobody reads any more (a shard's copy of expert weights that now live in a stack). Returns the bytes
+    released; 0 where madvise is unavailable."""
+    import os
+
+    mappings = file_mappings() if mappings is None else mappings
+    name = ctypes.util.find_library("c")
+    madvise = getattr(ctypes.CDLL(name, use_errno=True), "madvise", None) if name else None
+    if madvise is None or not mappings:
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = os.sysconf("SC_PAGE_SIZE")
+    released = 0
+    for lo, hi in spans:
+        a, b = -(-lo // page) * page, hi // page * page
+        if b > a and any(start <= a and b <= end for start, end, _ in mappings):
+            if madvise(a, b - a, _MADV_DONTNEED) == 0:
+                released += b - a
+    return released
+
+
 def _release_freed_heap() -> None:
     # The experts' old storages were freed, but glibc keeps freed heap pages in the process (RSS) unless asked to
     # return them; without this the stack would look like a second copy. A no-op where there is no glibc.
@@ -144,11 +190,20 @@ def expert_stack(owner: nn.Module, experts: nn.ModuleList, expert_class: type) -
         stacks = []
         for ws in weights:  # one projection at a time: the transient extra memory is one (E, out, in)
             stacked = torch.empty((len(ws), *ws[0].shape), dtype=ws[0].dtype, device=ws[0].device)
+            # Weights that are zero-copy views of a mapped shard (transformers loads so when dtypes match): their
+            # pages stay mapped after the copy below, counted in RSS beside the stack, unless released.
+            mapped = [
+                (w.data_ptr(), w.data_ptr() + w.nbytes)
+                for w in ws
+                if w.device.type == "cpu" and not w.untyped_storage().resizable()
+            ]
             for e, w in enumerate(ws):
                 stacked[e].copy_(w)
                 w.data = stacked[e]  # same Parameter object (optimizers, PEFT keep their references)
             stacks.append(stacked)
             del w
+            if mapped:
+                drop_file_pages(mapped)
             _release_freed_heap()
     owner._expert_stack = ExpertStack(stacks)
     return owner._expert_stack

@@ -2,6 +2,7 @@
 decoding. Each fast path against the reference path it replaces (and transformers' native DeepseekV3)."""
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -441,3 +442,62 @@ def test_generate_command_with_chained_mtp_drafts_prints_the_plain_greedy_text(t
     assert "2 per step" in mtp.summary() and "tokens per row per step" in mtp.summary()
     with pytest.raises(ValueError, match="--draft-tokens: must be at least 1, got 0"):
         run_generation(path, "hi", mtp=True, draft_tokens=0)
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+def _mapped_rss(path) -> int:
+    # Resident bytes of this process's mappings of `path` (kB lines of /proc/self/smaps).
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and ":" not in head[0]:
+                current = line.rstrip("\n").endswith(str(path))
+            elif current and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_dropping_file_pages_releases_them_keeps_the_bytes_and_never_touches_anonymous_memory(tmp_path):
+    from dsv3.modeling_deepseek.moe_grouped import drop_file_pages
+
+    data = torch.randint(0, 256, (64 * 4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data.numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=False, size=data.numel(), dtype=torch.uint8)
+    assert int(mapped.sum()) == int(data.sum())  # every page read
+    before = _mapped_rss(path)
+    assert before >= 60 * 4096
+    released = drop_file_pages([(mapped.data_ptr(), mapped.data_ptr() + mapped.nbytes)])
+    assert released >= 60 * 4096 and _mapped_rss(path) <= before - released + 4096
+    assert torch.equal(mapped, data)  # read back from the file
+    heap = data.clone()
+    assert drop_file_pages([(heap.data_ptr(), heap.data_ptr() + heap.nbytes)]) == 0
+    assert torch.equal(heap, data)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_converted_loads_and_stacked_experts_release_their_shard_pages_but_never_another_models(tmp_path):
+    from dsv3.convert.tiny import build_tiny
+
+    src = build_tiny(tmp_path / "bf16", "v3", fp8=False)
+    shards = sorted(src.glob("*.safetensors"))
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(5))
+    # A zero-copy BF16 model, changed in place after loading (its changed pages are private copies).
+    first = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    router = first.model.layers[1].mlp.gate.weight
+    assert not router.untyped_storage().resizable()  # a view of the mapped shard
+    with torch.no_grad():
+        router.add_(1.0)
+    changed = router.detach().clone()
+    # An fp32 load of the same files converts every tensor: its own mappings are released, the first model's not.
+    second = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True, dtype=torch.float32).eval()
+    assert torch.equal(first.model.layers[1].mlp.gate.weight, changed)
+    resident = sum(_mapped_rss(s) for s in shards)
+    with torch.no_grad():
+        first(ids)  # stacks the first model's experts and releases their pages in the mapping
+        assert sum(_mapped_rss(s) for s in shards) <= resident
+        assert torch.equal(first.model.layers[1].mlp.gate.weight, changed)
+        third = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True, dtype=torch.float32).eval()
+        assert torch.equal(second(ids).logits, third(ids).logits)
