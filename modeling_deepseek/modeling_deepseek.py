@@ -534,12 +534,22 @@ def _finish_fp8_load(model: nn.Module) -> None:
         config.fp8_quantization_config = {**quant, "modules_to_not_convert": sorted(plain)}
 
 
+def _is_safetensors(path: str) -> bool:
+    # By content, not name: a Hub cache maps shards through their blob files (no suffix).
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
 def _release_idle_shard_pages(model: nn.Module, before: set[tuple[int, int]]) -> None:
     # Shard mappings this load created stay mapped after loading; the pages of every tensor that was converted (an
     # fp32 load of BF16 shards, FP8 dequantized) were read, and stay counted in RSS beside the converted copy.
     # Release the parts of those mappings that no tensor of the model views (the files are untouched; see
     # moe_grouped.drop_file_pages). Mappings that existed before this load may belong to another model: left alone.
-    new = [m for m in file_mappings(".safetensors") if (m[0], m[1]) not in before]
+    new = [m for m in file_mappings() if (m[0], m[1]) not in before and _is_safetensors(m[2])]
     if not new:
         return
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.device.type == "cpu" and not t.is_meta]
@@ -664,7 +674,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         # a silent corruption, so any missing, unexpected or misshaped tensor is an error that names it.
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
-        shards_before = {(start, end) for start, end, _ in file_mappings(".safetensors")}
+        shards_before = {(start, end) for start, end, _ in file_mappings()}
         model, info = super().from_pretrained(
             pretrained_model_name_or_path,
             *args,

@@ -20,7 +20,7 @@
 #
 # Shapes: M tokens, D hidden, I moe_intermediate_size, E routed experts, K experts per token, P = M * K pairs.
 import ctypes
-import ctypes.util
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -119,9 +119,16 @@ def _plain_weights(experts: nn.ModuleList, expert_class: type) -> list[list[torc
 _MADV_DONTNEED = 4  # Linux
 
 
-def file_mappings(suffix: str = "") -> list[tuple[int, int, str]]:
-    """(start, end, path) of this process's file-backed memory mappings whose path ends with `suffix`; [] where
-    there is no /proc (not Linux)."""
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)  # the C library the process already uses
+    except OSError:
+        return None
+
+
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's file-backed memory mappings; [] where there is no /proc (not Linux)."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.readlines()
@@ -130,23 +137,42 @@ def file_mappings(suffix: str = "") -> list[tuple[int, int, str]]:
     out = []
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].startswith("/") and parts[5].rstrip("\n").endswith(suffix):
+        if len(parts) == 6 and parts[5].startswith("/"):
             start, end = (int(x, 16) for x in parts[0].split("-"))
             out.append((start, end, parts[5].rstrip("\n")))
     return out
 
 
+def _unmodified_page_runs(a: int, b: int, page: int) -> list[tuple[int, int]]:
+    # The runs of pages in [a, b) that still show the file: not private copies made by a write (present pages that
+    # are not file pages, or swapped-out ones), per /proc/self/pagemap. Nothing when it cannot be read.
+    n = (b - a) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(a // page * 8)
+            raw = f.read(n * 8)
+    except OSError:
+        return []
+    if len(raw) != n * 8:
+        return []
+    flags = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+    present, swapped, file_page = flags < 0, (flags >> 62) & 1 == 1, (flags >> 61) & 1 == 1
+    keep = torch.cat([torch.tensor([False]), ~((present & ~file_page) | swapped), torch.tensor([False])])
+    edges = (keep[1:] != keep[:-1]).nonzero().flatten().tolist()  # alternating run starts and ends
+    return [(a + lo * page, a + hi * page) for lo, hi in zip(edges[::2], edges[1::2], strict=True)]
+
+
 def drop_file_pages(spans: list[tuple[int, int]], mappings: list[tuple[int, int, str]] | None = None) -> int:
     """Tell the kernel this process no longer needs the whole pages inside each (start, end) byte span, where the
     span lies in a file-backed mapping (checked against /proc/self/maps: never anonymous memory, which this would
-    zero). The file's bytes are unchanged and any later read faults them back in, so this only stops counting
-    pages nobody reads any more (a shard's copy of expert weights that now live in a stack). Returns the bytes
-    released; 0 where madvise is unavailable."""
+    zero) and the page still shows the file (a page some write turned into a private copy is kept). Any later
+    read faults the file's bytes back in, so this only stops counting pages nobody reads any more (a shard's copy
+    of expert weights that now live in a stack). Returns the bytes released; 0 where madvise is unavailable."""
     import os
 
     mappings = file_mappings() if mappings is None else mappings
-    name = ctypes.util.find_library("c")
-    madvise = getattr(ctypes.CDLL(name, use_errno=True), "madvise", None) if name else None
+    libc = _libc()
+    madvise = getattr(libc, "madvise", None) if libc is not None else None
     if madvise is None or not mappings:
         return 0
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -155,16 +181,17 @@ def drop_file_pages(spans: list[tuple[int, int]], mappings: list[tuple[int, int,
     for lo, hi in spans:
         a, b = -(-lo // page) * page, hi // page * page
         if b > a and any(start <= a and b <= end for start, end, _ in mappings):
-            if madvise(a, b - a, _MADV_DONTNEED) == 0:
-                released += b - a
+            for run_a, run_b in _unmodified_page_runs(a, b, page):
+                if madvise(run_a, run_b - run_a, _MADV_DONTNEED) == 0:
+                    released += run_b - run_a
     return released
 
 
 def _release_freed_heap() -> None:
     # The experts' old storages were freed, but glibc keeps freed heap pages in the process (RSS) unless asked to
     # return them; without this the stack would look like a second copy. A no-op where there is no glibc.
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     if trim is not None:
         trim(0)
 

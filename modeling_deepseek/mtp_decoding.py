@@ -177,8 +177,8 @@ class _Drafter:
             token_B, q_BV = _choose(self.logits(g_BD), s)
             tokens.append(token_B)
             probs.append(q_BV)
-        if K > 1:
-            self.cache.crop(-(K - 1))
+        if K > 1:  # only the MTP layer's slot of the cache holds anything (crop() would visit them all)
+            self.cache.layers[self.layer.self_attn.layer_idx].crop(-(K - 1))
             self.slots -= K - 1
         return torch.stack(tokens, 1), torch.stack(probs, 1) if s.do_sample else None
 

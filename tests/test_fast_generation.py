@@ -459,7 +459,7 @@ def _mapped_rss(path) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_dropping_file_pages_releases_them_keeps_the_bytes_and_never_touches_anonymous_memory(tmp_path):
+def test_dropping_file_pages_releases_clean_ones_keeps_written_ones_and_never_touches_anonymous_memory(tmp_path):
     from dsv3.modeling_deepseek.moe_grouped import drop_file_pages
 
     data = torch.randint(0, 256, (64 * 4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -469,9 +469,13 @@ def test_dropping_file_pages_releases_them_keeps_the_bytes_and_never_touches_ano
     assert int(mapped.sum()) == int(data.sum())  # every page read
     before = _mapped_rss(path)
     assert before >= 60 * 4096
+    with torch.no_grad():
+        mapped[: 8 * 4096] += 1  # a write: those pages become private copies, which must survive
+    expected = data.clone()
+    expected[: 8 * 4096] += 1
     released = drop_file_pages([(mapped.data_ptr(), mapped.data_ptr() + mapped.nbytes)])
-    assert released >= 60 * 4096 and _mapped_rss(path) <= before - released + 4096
-    assert torch.equal(mapped, data)  # read back from the file
+    assert 48 * 4096 <= released <= 57 * 4096 and _mapped_rss(path) <= before - released + 4096
+    assert torch.equal(mapped, expected)  # the rest read back from the file
     heap = data.clone()
     assert drop_file_pages([(heap.data_ptr(), heap.data_ptr() + heap.nbytes)]) == 0
     assert torch.equal(heap, data)
