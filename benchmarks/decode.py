@@ -50,6 +50,8 @@ from dsv3.convert.tiny import build_tokenizer, write_official_layout  # noqa: E4
 from dsv3.modeling_deepseek.configuration_deepseek import DeepseekV3Config  # noqa: E402
 from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM  # noqa: E402
 
+from dsv3.demo_model import tie_mtp, untie_mtp  # noqa: E402
+
 SHARED = ROOT.parent / "shared"
 LLAMACPP = SHARED / "tools" / "llamacpp"
 YARN = {
@@ -151,11 +153,7 @@ def predictable_checkpoint(workdir: Path, steps: int, config: dict = BENCH, name
     log(f"training the {name} model on predictable text ({steps} steps) -> {out}")
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**config)).float()
-    mtp = model.model.mtp_layers[0]
-    mtp.embed_tokens.weight, mtp.shared_head.head.weight = (
-        model.model.embed_tokens.weight,
-        model.lm_head.weight,
-    )
+    tie_mtp(model)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     # Warm-up, cosine decay and clipping: the 16-layer model diverges at a constant 2e-3.
     warmup = max(1, steps // 10)
@@ -175,8 +173,7 @@ def predictable_checkpoint(workdir: Path, steps: int, config: dict = BENCH, name
         model.update_expert_bias()
         if (step + 1) % max(1, steps // 10) == 0:
             log(f"  step {step + 1}/{steps}  lm {out_.lm_loss.item():.3f}  mtp {out_.mtp_loss.item():.3f}")
-    mtp.embed_tokens.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    mtp.shared_head.head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    untie_mtp(model)
     return _save(model.eval(), out)
 
 

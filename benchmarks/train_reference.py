@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from dsv3.modeling_deepseek.configuration_deepseek import DeepseekV3Config  # noqa: E402
 from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM  # noqa: E402
 
+from dsv3.demo_model import tie_mtp, untie_mtp  # noqa: E402
 from dsv3.training import load_imbalance  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "text"
@@ -98,17 +99,9 @@ def build_model(seed: int) -> DeepseekV3ForCausalLM:
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG)).float()
     # The report shares the embedding and output head between the main model and the MTP module; on disk they
-    # are physical copies (model.layers.L.embed_tokens / shared_head.head), restored by _untie before saving.
-    mtp = model.model.mtp_layers[0]
-    mtp.embed_tokens.weight = model.model.embed_tokens.weight
-    mtp.shared_head.head.weight = model.lm_head.weight
+    # are physical copies (model.layers.L.embed_tokens / shared_head.head), restored by untie_mtp before saving.
+    tie_mtp(model)
     return model
-
-
-def _untie(model: DeepseekV3ForCausalLM) -> None:
-    mtp = model.model.mtp_layers[0]
-    mtp.embed_tokens.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    mtp.shared_head.head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
 
 
 def train(
@@ -143,7 +136,7 @@ def train(
                 f"  step {step:5d}  lm {out.lm_loss.item():.3f}  mtp {out.mtp_loss.item():.3f}  "
                 f"{(time.perf_counter() - t0) / (step + 1):.2f}s/step"
             )
-    _untie(model)
+    untie_mtp(model)
     return model.eval()
 
 

@@ -207,13 +207,19 @@ def build_model(recipe: DemoModelRecipe):
     with torch.random.fork_rng():  # the caller's random state is left as it was
         torch.manual_seed(recipe.seed)
         model = DeepseekV3ForCausalLM(recipe.config()).float()
-    for mtp in model.model.mtp_layers:
-        mtp.embed_tokens.weight = model.model.embed_tokens.weight
-        mtp.shared_head.head.weight = model.lm_head.weight
+    tie_mtp(model)
     return model
 
 
+def tie_mtp(model) -> None:
+    """The MTP modules share the main model's embedding and output head (training, as in the report)."""
+    for mtp in model.model.mtp_layers:
+        mtp.embed_tokens.weight = model.model.embed_tokens.weight
+        mtp.shared_head.head.weight = model.lm_head.weight
+
+
 def untie_mtp(model) -> None:
+    """Separate copies again, as the official layout stores them (before saving)."""
     for mtp in model.model.mtp_layers:
         mtp.embed_tokens.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
         mtp.shared_head.head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
