@@ -21,6 +21,7 @@
 # Shapes: M tokens, D hidden, I moe_intermediate_size, E routed experts, K experts per token, P = M * K pairs.
 import ctypes
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -168,8 +169,6 @@ def drop_file_pages(spans: list[tuple[int, int]], mappings: list[tuple[int, int,
     zero) and the page still shows the file (a page some write turned into a private copy is kept). Any later
     read faults the file's bytes back in, so this only stops counting pages nobody reads any more (a shard's copy
     of expert weights that now live in a stack). Returns the bytes released; 0 where madvise is unavailable."""
-    import os
-
     mappings = file_mappings() if mappings is None else mappings
     libc = _libc()
     madvise = getattr(libc, "madvise", None) if libc is not None else None
@@ -214,7 +213,7 @@ def expert_stack(owner: nn.Module, experts: nn.ModuleList, expert_class: type) -
     if any(w.is_meta for ws in weights for w in ws):
         return None  # offloaded: accelerate brings the weights in per expert module
     with torch.no_grad():
-        stacks = []
+        stacks, mappings = [], None  # /proc/self/maps read once per stack, and only if a weight is mapped
         for ws in weights:  # one projection at a time: the transient extra memory is one (E, out, in)
             stacked = torch.empty((len(ws), *ws[0].shape), dtype=ws[0].dtype, device=ws[0].device)
             # Weights that are zero-copy views of a mapped shard (transformers loads so when dtypes match): their
@@ -230,7 +229,8 @@ def expert_stack(owner: nn.Module, experts: nn.ModuleList, expert_class: type) -
             stacks.append(stacked)
             del w
             if mapped:
-                drop_file_pages(mapped)
+                mappings = file_mappings() if mappings is None else mappings
+                drop_file_pages(mapped, mappings)
             _release_freed_heap()
     owner._expert_stack = ExpertStack(stacks)
     return owner._expert_stack
