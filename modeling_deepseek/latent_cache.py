@@ -7,6 +7,10 @@
 # The layer is a DynamicLayer (same public attributes, so crop, batch_select_indices, reorder_cache and friends
 # keep working): whenever one of those replaced `keys` by a tensor that is not a prefix of the buffer, the next
 # update adopts it into a fresh buffer. MLA stores c_kv as `keys` (B, 1, T, C) and k_rope as `values` (B, 1, T, R).
+#
+# Buffers start zeroed and their capacity is a multiple of BUCKET, so `padded(n)` can hand out views longer than
+# what is held, whose extra slots hold finite values (zeros, or tokens cropped away): absorbed attention masks them
+# and keeps its shapes constant for BUCKET steps (mla_absorbed.attention_length).
 import functools
 
 import torch
@@ -14,6 +18,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 GROWTH = 1.5
 MIN_CAPACITY = 256
+BUCKET = 64
 
 
 class LatentCacheLayer(DynamicLayer):
@@ -49,9 +54,10 @@ class LatentCacheLayer(DynamicLayer):
         need = used + key_states.shape[-2]
         if self._buffers is None or need > self._buffers[0].shape[-2]:
             capacity = max(need, MIN_CAPACITY, self.capacity_hint, int(GROWTH * used))
+            capacity = -(-capacity // BUCKET) * BUCKET
             old = held or (self.keys, self.values)
             self._buffers = tuple(
-                s.new_empty((*s.shape[:2], capacity, s.shape[-1])) for s in (key_states, value_states)
+                s.new_zeros((*s.shape[:2], capacity, s.shape[-1])) for s in (key_states, value_states)
             )
             if used:
                 self._buffers[0][:, :, :used] = old[0]
@@ -61,6 +67,14 @@ class LatentCacheLayer(DynamicLayer):
         vbuf[:, :, used:need] = value_states
         self.keys, self.values = kbuf[:, :, :need], vbuf[:, :, :need]
         return self.keys, self.values
+
+    def padded(self, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of the first `length` slots of the buffers (the held tokens, then finite filler), or None when
+        keys/values are not prefixes of the buffers or the buffers are shorter."""
+        if self._used() < 0 or length > self._buffers[0].shape[-2]:
+            return None
+        kbuf, vbuf = self._buffers
+        return kbuf[:, :, :length], vbuf[:, :, :length]
 
     def reset(self) -> None:
         self._buffers = None

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MLA_PATHS = ("auto", "absorbed", "expanded")
+LENGTH_BUCKET = 64
 
 
 def prefer_absorbed(S: int, T: int, H: int, N: int, R: int, U: int, C: int) -> bool:
@@ -41,15 +42,22 @@ def _tensor_key(module: nn.Module, dtype: torch.dtype) -> tuple:
     return (dtype, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
 
 
-def dense_kv_b_weight(kv_b_proj: nn.Module, dtype: torch.dtype, owner: nn.Module) -> torch.Tensor | None:
-    """kv_b_proj's weight [H * (N + U), C] in `dtype`, or None when it cannot be had exactly (callers then use the
-    expanded path). Casts and dequantizations are cached on `owner` (a plain attribute: never saved or moved)."""
+def absorbed_weights(
+    kv_b_proj: nn.Module, n_heads: int, nope_dim: int, dtype: torch.dtype, owner: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W_UK (H, N, C), W_UV (H, U, C)) from kv_b_proj's weight [H * (N + U), C] in `dtype`, or None when they
+    cannot be had exactly (callers then use the expanded path).
+
+    When a gradient must reach kv_b_proj they are views of its weight. Otherwise they are contiguous copies in
+    `dtype`, cached on `owner` (a plain attribute: never saved or moved): as views they are strided per head, and
+    a batched matmul copies a strided operand at every call."""
     if type(kv_b_proj) is nn.Linear:
         weight = kv_b_proj.weight
         if weight.is_meta or kv_b_proj.bias is not None:
             return None
-        if weight.dtype == dtype:
-            return weight  # a view: nothing to cache, nothing to invalidate
+        if weight.dtype == dtype and weight.requires_grad and torch.is_grad_enabled():
+            w_HdC = weight.view(n_heads, -1, weight.shape[-1])
+            return w_HdC[:, :nope_dim], w_HdC[:, nope_dim:]
     elif hasattr(kv_b_proj, "dequantized_weight") and getattr(kv_b_proj, "bias", None) is None:
         # FP8Linear and the integer-quantized linears (quantized.py) all expose the dense weight this way.
         if any(t.is_meta for t in kv_b_proj.parameters()):
@@ -58,7 +66,7 @@ def dense_kv_b_weight(kv_b_proj: nn.Module, dtype: torch.dtype, owner: nn.Module
         return None
     if torch.compiler.is_compiling():
         # Under torch.compile the cache is read as it is (the eager warm-up step filled it); recomputing it in
-        # the graph would dequantize at every step.
+        # the graph would copy or dequantize at every step.
         cached = getattr(owner, "_absorbed_cache", None)
         if cached is not None:
             return cached[1]
@@ -70,9 +78,20 @@ def dense_kv_b_weight(kv_b_proj: nn.Module, dtype: torch.dtype, owner: nn.Module
                 weight = kv_b_proj.weight.detach().to(dtype)
             else:
                 weight = kv_b_proj.dequantized_weight(dtype)
-        cached = (key, weight)
+            w_HdC = weight.view(n_heads, -1, weight.shape[-1])
+            split = (w_HdC[:, :nope_dim].contiguous(), w_HdC[:, nope_dim:].contiguous())
+        cached = (key, split)
         owner._absorbed_cache = cached
     return cached[1]
+
+
+def attention_length(T: int, device: torch.device, dtype: torch.dtype) -> int:
+    """How many cache slots a decode step should attend over: T, or T rounded up to a multiple of LENGTH_BUCKET
+    for 16-bit types on CPUs. There torch's matmuls go through oneDNN, which builds a kernel per shape: a length
+    that grows by one every step costs a fresh build (~0.2-0.7 ms) at every step. The extra slots are masked."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return T
+    return -(-T // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
 def absorbed_attention(
@@ -80,22 +99,24 @@ def absorbed_attention(
     q_rope_BSHR: torch.Tensor,
     c_kv_BTC: torch.Tensor,
     k_rope_BTR: torch.Tensor,
-    w_kv_b: torch.Tensor,
+    w_uk_HNC: torch.Tensor,
+    w_uv_HUC: torch.Tensor,
     mask_B1ST: torch.Tensor | None,
     scale: float,
     dropout: float = 0.0,
+    valid: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the latent cache. Returns (out (B, S, H, U), probabilities (B, H, S, T))."""
+    """Attention over the latent cache. Returns (out (B, S, H, U), probabilities (B, H, S, T)). With `valid`, only
+    the first `valid` of the T cached slots are attended to (the rest get probability exactly 0; they must hold
+    finite values); the mask, if any, then covers only those."""
     B, S, H, N = q_nope_BSHN.shape
     T, C = c_kv_BTC.shape[1], c_kv_BTC.shape[2]
-    w_HdC = w_kv_b.view(H, -1, C)  # per head [W_UK ; W_UV]
-    w_uk_HNC, w_uv_HUC = w_HdC[:, :N], w_HdC[:, N:]
     dtype = c_kv_BTC.dtype
     # Fold W_UK into the query, per head: q_lat[h] = q_nope[h] W_UK[h] ((B*S) x N times N x C). Heads then become
     # extra query columns (index h * S + s): one T x (H * S) matmul per row of the batch against the shared
     # latent, the cache as the tall left operand (with the cache on the right, small-M kernels run ~2x slower).
     q_HMN = q_nope_BSHN.to(dtype).permute(2, 0, 1, 3).reshape(H, B * S, N)
-    q_lat_BhC = torch.bmm(q_HMN, w_uk_HNC.to(dtype)).view(H, B, S, C).transpose(0, 1).reshape(B, H * S, C)
+    q_lat_BhC = torch.bmm(q_HMN, w_uk_HNC).view(H, B, S, C).transpose(0, 1).reshape(B, H * S, C)
     q_rope_BhR = q_rope_BSHR.to(dtype).transpose(1, 2).reshape(B, H * S, -1)
     scores_BTh = torch.baddbmm(
         torch.bmm(k_rope_BTR, q_rope_BhR.transpose(1, 2)), c_kv_BTC, q_lat_BhC.transpose(1, 2)
@@ -103,7 +124,12 @@ def absorbed_attention(
     # Softmax over T in fp32 (or wider, for an fp64 model).
     scores_BTHS = scores_BTh.view(B, T, H, S).to(torch.promote_types(dtype, torch.float32)) * scale
     if mask_B1ST is not None:
-        scores_BTHS = scores_BTHS.masked_fill(~mask_B1ST.permute(0, 3, 1, 2), float("-inf"))
+        mask_BTHS = ~mask_B1ST.permute(0, 3, 1, 2)
+        if valid is not None and valid < T:
+            mask_BTHS = F.pad(mask_BTHS, (0, 0, 0, 0, 0, T - valid), value=True)
+        scores_BTHS = scores_BTHS.masked_fill(mask_BTHS, float("-inf"))
+    elif valid is not None and valid < T:
+        scores_BTHS[:, valid:] = float("-inf")
     probs_BTHS = F.softmax(scores_BTHS, dim=1).to(dtype)
     if dropout:
         probs_BTHS = F.dropout(probs_BTHS, p=dropout, training=True)
@@ -111,7 +137,9 @@ def absorbed_attention(
     o_lat_BhC = torch.bmm(probs_BTHS.reshape(B, T, H * S).transpose(1, 2), c_kv_BTC)
     # W_UV as the row-major left operand (U x C times C x (B*S)): bf16 kernels are ~3x faster that way round.
     o_lat_HCM = o_lat_BhC.view(B, H, S, C).permute(1, 3, 0, 2).reshape(H, C, B * S)
-    out_HUM = torch.bmm(w_uv_HUC.to(dtype), o_lat_HCM)
+    out_HUM = torch.bmm(w_uv_HUC, o_lat_HCM)
+    if valid is not None:
+        probs_BTHS = probs_BTHS[:, :valid]
     return out_HUM.view(H, -1, B, S).permute(2, 3, 0, 1), probs_BTHS.permute(0, 2, 3, 1)
 
 

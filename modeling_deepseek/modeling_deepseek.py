@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 from .configuration_deepseek import AUTO_MAP, IN_MEMORY_MODEL_TYPE, DeepseekV3Config, layer_index
 from .fp8 import FP8Linear, check_scale, is_fp8_linear
 from .latent_cache import LatentCache
-from .mla_absorbed import absorbed_attention, dense_kv_b_weight, prefer_absorbed
+from .mla_absorbed import absorbed_attention, absorbed_weights, attention_length, prefer_absorbed
 from .moe_grouped import drop_file_pages, expert_stack, file_mappings, grouped_experts
 from .mtp_decoding import mtp_generate
 from .quantized import QUANTIZED_LINEARS, make_quantized_linear
@@ -205,11 +205,25 @@ class DeepseekV3Attention(nn.Module):
             c_kv_BTC, k_rope_BTR = c_kv_B1TC[:, 0], k_rope_B1TR[:, 0]
         else:
             c_kv_BTC, k_rope_BTR = c_kv_BSC, k_rope_BSR
-        w_kv_b = self._absorbed_weight(S, c_kv_BTC.shape[1], q_nope_BSHN.dtype)
-        if w_kv_b is not None:
+        weights = self._absorbed_weights(S, c_kv_BTC.shape[1], q_nope_BSHN.dtype)
+        if weights is not None:
             dropout = self.dropout if self.training else 0.0
+            T, valid = c_kv_BTC.shape[1], None
+            padded = self._padded_latent(
+                past_key_values, attention_length(T, c_kv_BTC.device, c_kv_BTC.dtype)
+            )
+            if padded is not None:
+                (c_kv_BTC, k_rope_BTR), valid = padded, T
             out_BSHU, probs_BHST = absorbed_attention(
-                q_nope_BSHN, q_rope_BSHR, c_kv_BTC, k_rope_BTR, w_kv_b, mask_B1ST, self.softmax_scale, dropout
+                q_nope_BSHN,
+                q_rope_BSHR,
+                c_kv_BTC,
+                k_rope_BTR,
+                *weights,
+                mask_B1ST,
+                self.softmax_scale,
+                dropout,
+                valid,
             )
             eager = self.config._attn_implementation == "eager"
             out_BSd = out_BSHU.reshape(B, S, self.n_heads * self.v_dim).to(x_BSD.dtype)
@@ -223,14 +237,27 @@ class DeepseekV3Attention(nn.Module):
         out_BHSU, probs_BHST = self._attend(q_BHSd, k_BHTd, v_BHTU, mask_B1ST)
         return self.o_proj(out_BHSU.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim)), probs_BHST
 
-    def _absorbed_weight(self, S: int, T: int, dtype: torch.dtype) -> torch.Tensor | None:
-        # kv_b_proj's dense weight when the absorbed form is to be used, else None (expanded form).
+    def _absorbed_weights(
+        self, S: int, T: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # (W_UK, W_UV) when the absorbed form is to be used, else None (expanded form).
         if self.mla_path == "expanded":
             return None
         dims = (self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_rank)
         if self.mla_path == "auto" and not prefer_absorbed(S, T, *dims):
             return None
-        return dense_kv_b_weight(self.kv_b_proj, dtype, self)
+        return absorbed_weights(self.kv_b_proj, self.n_heads, self.nope_dim, dtype, self)
+
+    def _padded_latent(self, cache: Cache | None, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # The cached latent lengthened to `length` slots (finite filler after the held tokens), when the cache can
+        # hand that out without copying (latent_cache.py) and it is longer than what is held.
+        layers = getattr(cache, "layers", None)
+        if layers is None or self.layer_idx >= len(layers) or not hasattr(layers[self.layer_idx], "padded"):
+            return None
+        if length <= layers[self.layer_idx].keys.shape[-2]:
+            return None
+        views = layers[self.layer_idx].padded(length)
+        return None if views is None else (views[0][:, 0], views[1][:, 0])
 
 
 # ------------------------------------------------------------------------------------------------------- MLP

@@ -72,16 +72,71 @@ def test_auto_path_absorbs_for_decode_and_expands_for_prefill(tiny_ckpt, monkeyp
     assert not prefer_absorbed(100, 100, *dims)  # prefill
     seen = []
     attn_cls = type(model.model.layers[0].self_attn)
-    original = attn_cls._absorbed_weight
+    original = attn_cls._absorbed_weights
 
     def spy(self, S, T, dtype):
         w = original(self, S, T, dtype)
         seen.append((S, w is not None))
         return w
 
-    monkeypatch.setattr(attn_cls, "_absorbed_weight", spy)
+    monkeypatch.setattr(attn_cls, "_absorbed_weights", spy)
     model.generate(torch.randint(3, 512, (1, 12)), max_new_tokens=3, do_sample=False)
     assert seen[0] == (12, False) and all(absorbed for S, absorbed in seen[1:] if S == 1), seen
+
+
+@pytest.mark.parametrize("lengths", [[34, 25, 31], [30]])
+def test_attending_over_a_bucketed_cache_length_masks_the_filler_slots(tiny_ckpt, monkeypatch, lengths):
+    # bf16 on CPUs attends over the cache rounded up to a bucket (constant matmul shapes); forced here in fp32,
+    # with left padding (masked) and without (no mask), and after a crop leaves stale tokens in the filler.
+    model = _load(tiny_ckpt("v3"))
+    set_mla_path(model, "absorbed")
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    ids, mask = _left_padded(lengths, seed=21)
+    exact = _decode_logits(model, ids, mask, 9)
+    seen = []
+
+    def bucketed(T, device, dtype):
+        seen.append(T)
+        return -(-T // 16) * 16
+
+    monkeypatch.setattr(module, "attention_length", bucketed)
+    padded = _decode_logits(model, ids, mask, 9)
+    assert seen and any(T % 16 for T in seen)
+    assert (padded - exact)[mask.bool()].abs().max().item() <= 1e-5
+    with torch.no_grad():  # decode 6 tokens, crop them away, decode again: the filler now holds stale tokens
+        cache = model(ids[:, :20], attention_mask=mask[:, :20], use_cache=True).past_key_values
+        for t in range(20, 26):
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+        cache.crop(-6)
+        layer = cache.layers[0]
+        assert torch.count_nonzero(layer._buffers[0][:, :, 20:26]) > 0
+        attn = model.model.layers[0].self_attn
+        eager = model.config._attn_implementation
+        model.config._attn_implementation = "eager"  # also returns the probabilities: T wide, not padded
+        try:
+            step = model(
+                ids[:, 20:21],
+                attention_mask=mask[:, :21],
+                past_key_values=cache,
+                output_attentions=True,
+            )
+        finally:
+            model.config._attn_implementation = eager
+    assert step.attentions[0].shape[-1] == 21 and attn is model.model.layers[0].self_attn
+    assert (step.logits[:, -1] - exact[:, 20]).abs().max().item() <= 1e-5
+
+
+def test_absorbed_attention_without_a_mask_ignores_slots_past_the_valid_length():
+    from dsv3.modeling_deepseek.mla_absorbed import absorbed_attention
+
+    gen = torch.Generator().manual_seed(22)
+    B, S, H, N, R, U, C, T = 2, 1, 4, 8, 4, 8, 16, 11
+    q_nope, q_rope = torch.randn(B, S, H, N, generator=gen), torch.randn(B, S, H, R, generator=gen)
+    c_kv, k_rope = torch.randn(B, T + 5, C, generator=gen), torch.randn(B, T + 5, R, generator=gen)
+    w_uk, w_uv = torch.randn(H, N, C, generator=gen), torch.randn(H, U, C, generator=gen)
+    out, probs = absorbed_attention(q_nope, q_rope, c_kv[:, :T], k_rope[:, :T], w_uk, w_uv, None, 0.3)
+    out_p, probs_p = absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, None, 0.3, valid=T)
+    assert probs_p.shape == probs.shape and torch.allclose(out_p, out, atol=1e-6)
 
 
 def test_absorbed_matrices_are_derived_never_saved_and_follow_weight_changes():
@@ -459,7 +514,9 @@ def _mapped_rss(path) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_dropping_file_pages_releases_clean_ones_keeps_written_ones_and_never_touches_anonymous_memory(tmp_path):
+def test_dropping_file_pages_releases_clean_ones_keeps_written_ones_and_never_touches_anonymous_memory(
+    tmp_path,
+):
     from dsv3.modeling_deepseek.moe_grouped import drop_file_pages
 
     data = torch.randint(0, 256, (64 * 4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

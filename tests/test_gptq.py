@@ -34,7 +34,9 @@ def _reference_gptq(W, H, bits, group, act_order):
     scales = []
     for j in range(I):
         if j % group == 0:
-            scales.append(symmetric_scale(W[:, j : j + group].abs().amax(-1), bits).to(torch.bfloat16).double())
+            scales.append(
+                symmetric_scale(W[:, j : j + group].abs().amax(-1), bits).to(torch.bfloat16).double()
+            )
         s = scales[-1]
         q = quantize_symmetric(W[:, j], s, bits).double()
         Q[:, j] = q
@@ -48,7 +50,9 @@ def _reference_gptq(W, H, bits, group, act_order):
 
 def _problem(O=48, I=256, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(512, I, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, I, dtype=torch.float64)
+    X = torch.randn(512, I, generator=gen, dtype=torch.float64) * torch.linspace(
+        0.2, 3, I, dtype=torch.float64
+    )
     acc = HessianAccumulator(I, torch.float64)
     for chunk in X.split(100):  # the running mean over uneven chunks equals the batch formula
         acc.add(chunk)
@@ -83,7 +87,10 @@ def test_act_order_round_trips_through_g_idx():
 def test_gptq_beats_round_to_nearest_on_the_layer_objective():
     # Correlated inputs, as real activations are: that correlation is what GPTQ's error feedback exploits.
     gen = torch.Generator().manual_seed(2)
-    X = torch.randn(1024, 32, generator=gen, dtype=torch.float64) @ torch.randn(32, 256, generator=gen).double()
+    X = (
+        torch.randn(1024, 32, generator=gen, dtype=torch.float64)
+        @ torch.randn(32, 256, generator=gen).double()
+    )
     X = X + 0.1 * torch.randn(1024, 256, generator=gen, dtype=torch.float64)
     H = 2 * X.t() @ X / len(X)
     W = torch.randn(48, 256, generator=gen, dtype=torch.float64) * 0.05
