@@ -53,8 +53,9 @@ MODEL_KWARGS = ("attention_mask", "input_ids", "use_cache", "generation_config",
 @dataclasses.dataclass
 class MTPStats:
     """What one speculative `generate` did: main-model verification steps, draft tokens proposed to rows still
-    generating (draft_tokens per row per step), how many of them were accepted, and the tokens emitted (all
-    rows)."""
+    generating (draft_tokens per row per step), how many of them verification accepted (drafts the output then
+    cuts, after an end of sequence or past max_new_tokens, included: acceptance measures the drafter), and the
+    tokens emitted (all rows)."""
 
     steps: int = 0
     drafted: int = 0
@@ -289,6 +290,8 @@ def mtp_generate(model, inputs: torch.Tensor | None = None, generation_config=No
         mask_BT = torch.cat([mask_BT, real_BJ[:, :S].long()], 1)
         next_pos_B = next_pos_B + accepted_B + 1
         last_B = final_B
+        if bool(done_B.all()):
+            break  # no drafts after the last verification step
 
         # The MTP module over the new real pairs, then draft from each row's last real slot.
         g_BSD = drafter(h_BJD[:, :S], tokens_BJ[:, :S], pos_BJ[:, :S], mask_BT)

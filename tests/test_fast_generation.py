@@ -376,9 +376,18 @@ def test_mtp_greedy_output_is_identical_to_plain_greedy(tiny_ckpt, monkeypatch, 
     plain = model.generate(ids, **kwargs)
     assert torch.equal(model.generate(ids, use_mtp=True, **kwargs), plain)  # the real (untrained) head
     _oracle_drafter(monkeypatch, model, _by_position(plain, mask), wrong_every=3)
+    drafter = importlib.import_module(f"{type(model).__module__.rpartition('.')[0]}.mtp_decoding")._Drafter
+    real_drafts, drafted = drafter.drafts, []
+
+    def counted(self, *args):
+        drafted.append(1)
+        return real_drafts(self, *args)
+
+    monkeypatch.setattr(drafter, "drafts", counted)
     assert torch.equal(model.generate(ids, use_mtp=True, **kwargs), plain)
     stats = model.last_mtp_stats
     assert 0.4 < stats.acceptance < 0.9 and stats.steps < 16, stats
+    assert len(drafted) == stats.steps  # one set of drafts per verification, none after the last one
 
 
 @pytest.mark.parametrize("lengths", [[13], [13, 6, 9, 11]])
