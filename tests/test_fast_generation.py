@@ -139,6 +139,21 @@ def test_absorbed_attention_without_a_mask_ignores_slots_past_the_valid_length()
     assert probs_p.shape == probs.shape and torch.allclose(out_p, out, atol=1e-6)
 
 
+def test_prefill_attention_runs_torchs_fused_cpu_kernel(tiny_ckpt):
+    # Value heads (64) narrower than query/key heads (128) would send SDPA to its unfused math path.
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _load(tiny_ckpt("v3"))
+    assert model.config.v_head_dim < model.config.qk_nope_head_dim + model.config.qk_rope_head_dim
+    ids, mask = _left_padded([40, 33])
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(ids, attention_mask=mask)
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names and "aten::_softmax" not in names, (
+        names
+    )
+
+
 def test_absorbed_matrices_are_derived_never_saved_and_follow_weight_changes():
     model = random_tiny_model("v3")
     keys = set(model.state_dict())
