@@ -32,6 +32,7 @@ from .mla_absorbed import absorbed_attention, absorbed_weights, attention_length
 from .moe_grouped import drop_file_pages, expert_stack, file_mappings, grouped_experts
 from .mtp_decoding import mtp_generate
 from .quantized import QUANTIZED_LINEARS, make_quantized_linear
+from .row_linear import row_linear
 
 IGNORE_INDEX = -100
 
@@ -145,14 +146,16 @@ class DeepseekV3Attention(nn.Module):
     def _project_q(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = x_BSD.shape
         if self.config.q_lora_rank is None:
-            q = self.q_proj(x_BSD)
+            q = row_linear(self.q_proj, x_BSD)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+            q = row_linear(self.q_b_proj, self.q_a_layernorm(row_linear(self.q_a_proj, x_BSD)))
         q_BSHd = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
         return q_BSHd.split([self.nope_dim, self.rope_dim], dim=-1)  # q_nope_BSHN, q_rope_BSHR
 
     def _compress_kv(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c_kv_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_rank, self.rope_dim], dim=-1)
+        c_kv_BSC, k_rope_BSR = row_linear(self.kv_a_proj_with_mqa, x_BSD).split(
+            [self.kv_rank, self.rope_dim], dim=-1
+        )
         return self.kv_a_layernorm(c_kv_BSC), k_rope_BSR  # k_rope is one head shared by all heads
 
     def _expand_kv(self, c_kv_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +236,7 @@ class DeepseekV3Attention(nn.Module):
             )
             eager = self.config._attn_implementation == "eager"
             out_BSd = out_BSHU.reshape(B, S, self.n_heads * self.v_dim).to(x_BSD.dtype)
-            return self.o_proj(out_BSd), probs_BHST if eager else None
+            return row_linear(self.o_proj, out_BSd), probs_BHST if eager else None
         k_nope_BHTN, v_BHTU = self._expand_kv(c_kv_BTC)
         T = c_kv_BTC.shape[1]
         k_BHTd = torch.cat(
@@ -276,7 +279,7 @@ class DeepseekV3MLP(nn.Module):
         self.down_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return row_linear(self.down_proj, F.silu(row_linear(self.gate_proj, x)) * row_linear(self.up_proj, x))
 
 
 # ---------------------------------------------------------------------------------------------------- router
@@ -1074,7 +1077,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         )
         h_BSD = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h_BSD[:, keep])
+        logits = row_linear(self.lm_head, h_BSD[:, keep])
         num_items = kwargs.get("num_items_in_batch")
         lm_loss = loss = mtp_loss = mtp_logits = aux_loss = None
         aux_B = out.aux_loss_per_seq

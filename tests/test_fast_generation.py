@@ -345,6 +345,42 @@ def test_decode_step_on_a_static_cache_traces_without_graph_breaks(tiny_ckpt):
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_step_matches_eager(tiny_ckpt, monkeypatch, dtype):
+    # Under torch.compile on a CPU, decode computes the routed experts as gathered reductions and (bf16, one row)
+    # the linears as reductions (row_linear.py): the same sums in another order.
+    from transformers import StaticCache
+
+    path = tiny_ckpt("v3")
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
+    moe = importlib.import_module(f"{type(model).__module__.rpartition('.')[0]}.moe_grouped")
+    gathered, real = [], moe._gathered_experts
+
+    def spy(*args):
+        gathered.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(moe, "_gathered_experts", spy)
+    ids = torch.randint(3, 512, (1, 6), generator=torch.Generator().manual_seed(10))
+    runs = []
+    for m, compiled in ((model, False), (model, True), (_load(path), False)):
+        cache = StaticCache(config=m.config, max_cache_len=16)
+        with torch.no_grad():
+            tok = m(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+            def step(t, m=m, cache=cache):
+                return m(t, past_key_values=cache, use_cache=True).logits
+
+            runs.append((torch.compile(step) if compiled else step)(tok).float())
+    eager, compiled, fp32 = runs
+    assert gathered  # the compiled graph took the gathered-experts path
+    if dtype == torch.float32:
+        assert (compiled - eager).abs().max().item() <= 1e-4
+    else:  # as close to the fp32 model as eager bf16 is
+        eager_error = (eager - fp32).abs().max().item()
+        assert 0 < (compiled - fp32).abs().max().item() <= 2 * eager_error, eager_error
+
+
 # ------------------------------------------------------------------------------------ MTP speculative decoding
 def _by_position(sequences, mask):
     # Each row's tokens by RoPE position (the prompt without its padding, then the continuation), zero-padded at
