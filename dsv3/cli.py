@@ -239,6 +239,11 @@ def generate(
     draft_tokens: int = typer.Option(
         1, help="With --mtp: draft tokens per step (more than 1 chains the MTP module on its own output)."
     ),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Static cache + torch.compile'd decode step (CPU too); an untimed first run compiles it.",
+    ),
 ):
     """Generate a continuation with the KV cache; prints the text (stdout), then tok/s and, with --mtp, the
     draft acceptance (stderr).
@@ -247,7 +252,7 @@ def generate(
     """
     from .generate import run_generation
 
-    result = run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp, draft_tokens)
+    result = run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp, draft_tokens, compile)
     typer.echo(result.text)
     typer.echo(result.summary(), err=True)
 

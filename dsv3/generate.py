@@ -41,6 +41,7 @@ class Generation:
     new_tokens: int
     seconds: float  # the whole generate call: prefill and decode
     mtp: Any = None  # MTPStats (remote code's class) when generated with --mtp
+    compile_seconds: float | None = None  # with --compile: the warm-up run that compiled the decode step
 
     @property
     def tokens_per_second(self) -> float:
@@ -48,7 +49,21 @@ class Generation:
 
     def summary(self) -> str:
         line = f"{self.new_tokens} new tokens in {self.seconds:.2f} s: {self.tokens_per_second:.1f} tok/s"
+        if self.compile_seconds is not None:
+            line += (
+                f" (static cache, compiled: warm-up and compilation took {self.compile_seconds:.1f} s before)"
+            )
         return f"{line}; {self.mtp}" if self.mtp is not None else line
+
+
+def compile_config():
+    """transformers' CompileConfig for the decode step, on CPUs too (transformers compiles only on GPUs unless
+    told otherwise; "default" mode: CUDA graphs do not exist on CPUs)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=None, mode="default")
+    config._compile_all_devices = True
+    return config
 
 
 @torch.no_grad()
@@ -61,10 +76,12 @@ def run_generation(
     seed: int = 0,
     mtp: bool = False,
     draft_tokens: int = 1,
+    compile: bool = False,
 ) -> Generation:
     """Load, generate (greedy, or sampled with the checkpoint's generation config), time it. With `mtp`, MTP
     speculative decoding: the same greedy text, fewer main-model forwards; `draft_tokens` drafts per step (more
-    than 1 chains the MTP module)."""
+    than 1 chains the MTP module). With `compile`, a static cache and a torch.compile'd decode step: a first,
+    untimed run of the same length compiles it, then the timed run."""
     # Checked before the (possibly long) model load.
     if not prompt:
         raise ValueError("--prompt: must not be empty")
@@ -72,6 +89,8 @@ def run_generation(
         raise ValueError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     if draft_tokens < 1:
         raise ValueError(f"--draft-tokens: must be at least 1, got {draft_tokens}")
+    if compile and mtp:
+        raise ValueError("--compile: MTP decoding does not run on the static cache yet; use one or the other")
     if mtp:
         path = resolve_model_path(str(model))
         if not read_config(path).get("num_nextn_predict_layers"):
@@ -82,22 +101,16 @@ def run_generation(
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id)
     if mtp:
         kwargs.update(use_mtp=True, num_speculative_tokens=draft_tokens)
+    compile_seconds = None
+    if compile:
+        kwargs.update(cache_implementation="static", compile_config=compile_config())
+        start = time.perf_counter()
+        lm.generate(**inputs, **kwargs)  # same shapes as the timed run: compiles the decode step once
+        compile_seconds = time.perf_counter() - start
+        torch.manual_seed(seed)
     start = time.perf_counter()
     out = lm.generate(**inputs, **kwargs)
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1] :]
     text = tokenizer.decode(new, skip_special_tokens=True)
-    return Generation(text, len(new), seconds, lm.last_mtp_stats if mtp else None)
-
-
-def generate_text(
-    model: str | os.PathLike,
-    prompt: str,
-    max_new_tokens: int = 32,
-    dtype: str = "fp32",
-    sample: bool = False,
-    seed: int = 0,
-    mtp: bool = False,
-    draft_tokens: int = 1,
-) -> str:
-    return run_generation(model, prompt, max_new_tokens, dtype, sample, seed, mtp, draft_tokens).text
+    return Generation(text, len(new), seconds, lm.last_mtp_stats if mtp else None, compile_seconds)

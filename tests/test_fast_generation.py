@@ -559,6 +559,24 @@ def test_generate_command_with_chained_mtp_drafts_prints_the_plain_greedy_text(t
         run_generation(path, "hi", mtp=True, draft_tokens=0)
 
 
+def test_generate_command_compiled_prints_the_eager_text_and_times_only_the_second_run(tiny_ckpt):
+    from typer.testing import CliRunner
+
+    from dsv3.cli import app
+    from dsv3.generate import run_generation
+
+    path = tiny_ckpt("v3")
+    plain = run_generation(path, "The quick brown fox", max_new_tokens=7)
+    result = CliRunner().invoke(
+        app, ["generate", str(path), "--prompt", "The quick brown fox", "--max-new-tokens", "7", "--compile"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == plain.text.strip()
+    assert "static cache, compiled: warm-up and compilation took" in result.stderr
+    with pytest.raises(ValueError, match="--compile: MTP decoding does not run on the static cache yet"):
+        run_generation(path, "hi", mtp=True, compile=True)
+
+
 # ------------------------------------------------------------------------------------------------------ memory
 def _mapped_rss(path) -> int:
     # Resident bytes of this process's mappings of `path` (kB lines of /proc/self/smaps).
