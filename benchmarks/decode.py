@@ -51,6 +51,7 @@ from dsv3.modeling_deepseek.configuration_deepseek import DeepseekV3Config  # no
 from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3ForCausalLM  # noqa: E402
 
 from dsv3.demo_model import tie_mtp, untie_mtp  # noqa: E402
+from dsv3.generate import compile_config  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 LLAMACPP = SHARED / "tools" / "llamacpp"
@@ -260,14 +261,6 @@ def load_native(path: Path, dtype: torch.dtype):
     from transformers import DeepseekV3ForCausalLM as Native
 
     return Native.from_pretrained(path, dtype=dtype).eval()
-
-
-def compile_config():
-    from transformers import CompileConfig
-
-    config = CompileConfig(fullgraph=False, dynamic=None, mode="default")
-    config._compile_all_devices = True  # transformers compiles only on GPUs unless told otherwise
-    return config
 
 
 # -------------------------------------------------------------------------------------------- llama.cpp
