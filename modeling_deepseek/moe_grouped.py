@@ -244,15 +244,15 @@ def grouped_experts(
     gate_EID, up_EID, down_EDI = stack.stacks
     M, K = idx_MK.shape
     E = gate_EID.shape[0]
-    if torch.compiler.is_compiling() and x_MD.device.type == "cpu" and M * K <= E:
-        return _gathered_experts(stack, x_MD, idx_MK, weight_MK)
     flat_P = idx_MK.flatten()
-    order_P = flat_P.argsort(stable=True)  # pairs sorted by expert
-    token_P = order_P // K
     # scatter_add, not bincount: the output shape must not depend on the data (torch.compile).
     counts_E = torch.zeros(E, dtype=torch.long, device=flat_P.device).scatter_add_(
         0, flat_P, torch.ones_like(flat_P)
     )
+    if torch.compiler.is_compiling() and x_MD.device.type == "cpu" and M * K <= E:
+        return _gathered_experts(stack, x_MD, idx_MK, weight_MK), counts_E
+    order_P = flat_P.argsort(stable=True)  # pairs sorted by expert
+    token_P = order_P // K
     offs_E = counts_E.cumsum(0).to(torch.int32)  # end of each expert's group
     x_PD = x_MD[token_P].to(gate_EID.dtype)
     # The custom op only matters to torch.compile; eager calls skip its dispatch (~80 us per layer per step).
@@ -265,7 +265,7 @@ def grouped_experts(
 
 def _gathered_experts(
     stack: ExpertStack, x_MD: torch.Tensor, idx_MK: torch.Tensor, weight_MK: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     # grouped_experts for a few (token, expert) pairs (at most E: decode) inside a torch.compile'd graph on a CPU.
     # Each projection is written as the selected expert's weight times the token, reduced over the input dimension:
     # inductor generates one loop that reads each selected weight row straight from the stack (no gathered copy)
@@ -274,15 +274,10 @@ def _gathered_experts(
     # 329 us in fp32. Same arithmetic as the per-expert modules (fp32 sums, one rounding per projection), summed
     # in another order: equal to rounding.
     gate_EID, up_EID, down_EDI = stack.stacks
-    dtype, E = gate_EID.dtype, gate_EID.shape[0]
+    dtype = gate_EID.dtype
     x_M11D = x_MD.to(dtype).float()[:, None, None, :]
     gate_MKI = (gate_EID[idx_MK].float() * x_M11D).sum(-1).to(dtype)
     up_MKI = (up_EID[idx_MK].float() * x_M11D).sum(-1).to(dtype)
     h_MK1I = (F.silu(gate_MKI) * up_MKI).float()[:, :, None, :]
     y_MKD = (down_EDI[idx_MK].float() * h_MK1I).sum(-1).to(dtype)
-    y_MD = (y_MKD.float() * weight_MK[..., None].float()).sum(1)
-    flat_P = idx_MK.flatten()
-    counts_E = torch.zeros(E, dtype=torch.long, device=flat_P.device).scatter_add_(
-        0, flat_P, torch.ones_like(flat_P)
-    )
-    return y_MD.to(x_MD.dtype), counts_E
+    return (y_MKD.float() * weight_MK[..., None].float()).sum(1).to(x_MD.dtype)
