@@ -254,6 +254,10 @@ class DeepseekV3Attention(nn.Module):
             return None
         dims = (self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_rank)
         if self.mla_path == "auto" and not prefer_absorbed(S, T, *dims):
+            if not torch.compiler.is_compiling():
+                # An eager prefill fills the cache of absorbed weights for the decode steps that follow: a compiled
+                # decode step only reads it (else it would slice and copy W_UK / W_UV inside the graph, every step).
+                absorbed_weights(self.kv_b_proj, self.n_heads, self.nope_dim, dtype, self)
             return None
         return absorbed_weights(self.kv_b_proj, self.n_heads, self.nope_dim, dtype, self)
 

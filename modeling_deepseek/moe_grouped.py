@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .row_linear import materialized
+
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _TORCH_GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
@@ -275,7 +277,7 @@ def _gathered_experts(
     # in another order: equal to rounding.
     gate_EID, up_EID, down_EDI = stack.stacks
     dtype = gate_EID.dtype
-    x_M11D = x_MD.to(dtype).float()[:, None, None, :]
+    x_M11D = materialized(x_MD.to(dtype)).float()[:, None, None, :]
     gate_MKI = (gate_EID[idx_MK].float() * x_M11D).sum(-1).to(dtype)
     up_MKI = (up_EID[idx_MK].float() * x_M11D).sum(-1).to(dtype)
     h_MK1I = (F.silu(gate_MKI) * up_MKI).float()[:, :, None, :]

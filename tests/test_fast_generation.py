@@ -381,6 +381,54 @@ def test_compiled_decode_step_matches_eager(tiny_ckpt, monkeypatch, dtype):
         assert 0 < (compiled - fp32).abs().max().item() <= 2 * eager_error, eager_error
 
 
+def test_compiled_single_row_linear_normalises_its_input_once_not_once_per_output_row():
+    # Inductor would inline the RMSNorm that feeds a row_linear into the reduction that reads it, recomputing it for
+    # every output row (a 16k-row head recomputed the final norm 16k times: 2x slower). row_linear.materialized
+    # makes it write the normalised row to a buffer first.
+    import re
+
+    from dsv3.modeling_deepseek.modeling_deepseek import DeepseekV3RMSNorm
+    from dsv3.modeling_deepseek.row_linear import row_linear
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 1024, bias=False).to(torch.bfloat16)
+    norm = DeepseekV3RMSNorm(64).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(lambda x: row_linear(linear, norm(x))), x)
+        expected = linear(norm(x))
+    assert (out.float() - expected.float()).abs().max().item() <= 0.02
+    loops = "\n".join(code).split("#pragma omp for")[1:]
+    # The parallel loop over the 1024 output rows, one row per iteration (a reduction over the 64 inputs).
+    rows = [
+        loop
+        for loop in loops
+        if re.search(r"x0<static_cast<int64_t>\(1024L\); x0\+=static_cast<int64_t>\(1L\)", loop)
+    ]
+    assert len(rows) == 1 and "tmp_acc" in rows[0], code
+    assert "sqrt" not in rows[0].split("#pragma omp")[0]
+
+
+def test_eager_prefill_prepares_the_absorbed_weights_that_compiled_decode_steps_only_read(tiny_ckpt):
+    # Prefill takes the expanded path; it still fills the absorbed-weights cache, so that a compiled decode step
+    # reads it instead of slicing and copying W_UK / W_UV from kv_b_proj inside the graph at every step.
+    from transformers import StaticCache
+
+    model = _load(tiny_ckpt("v3"))
+    attentions = [layer.self_attn for layer in model.model.layers[: model.config.num_hidden_layers]]
+    ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(10))
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    a = attentions[0]
+    assert not prefer_absorbed(24, 32, a.n_heads, a.nope_dim, a.rope_dim, a.v_dim, a.kv_rank)
+    with torch.no_grad():
+        tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        prepared = [attn._absorbed_cache[1] for attn in attentions]
+        assert all(w.is_contiguous() for pair in prepared for w in pair)
+        torch.compile(lambda t: model(t, past_key_values=cache, use_cache=True).logits)(tok)
+    assert all(attn._absorbed_cache[1] is pair for attn, pair in zip(attentions, prepared, strict=True))
+
+
 # ------------------------------------------------------------------------------------ MTP speculative decoding
 def _by_position(sequences, mask):
     # Each row's tokens by RoPE position (the prompt without its padding, then the continuation), zero-padded at
