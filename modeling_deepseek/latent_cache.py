@@ -6,7 +6,8 @@
 #
 # The layer is a DynamicLayer (same public attributes, so crop, batch_select_indices, reorder_cache and friends
 # keep working): whenever one of those replaced `keys` by a tensor that is not a prefix of the buffer, the next
-# update adopts it into a fresh buffer. MLA stores c_kv as `keys` (B, 1, T, C) and k_rope as `values` (B, 1, T, R).
+# update adopts it into a fresh buffer. MLA stores its whole latent as `keys` (B, 1, T, C + R: c_kv, then k_rope)
+# and empty `values` (B, 1, T, 0).
 #
 # Buffers start zeroed and their capacity is a multiple of BUCKET, so `padded(n)` can hand out views longer than
 # what is held, whose extra slots hold finite values (zeros, or tokens cropped away): absorbed attention masks them

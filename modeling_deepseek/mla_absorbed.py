@@ -19,7 +19,8 @@
 # whose weights live on the meta device) uses the expanded path, which is always correct.
 #
 # Shapes: B batch, S query length, T key length, H heads, N qk_nope_head_dim, R qk_rope_head_dim, U v_head_dim,
-# C kv_lora_rank; h = H * S (heads folded into query rows, index h * S + s), M = B * S.
+# C kv_lora_rank, L = C + R (the cached latent: c_kv, then k_rope); h = H * S (heads folded into query rows,
+# index h * S + s), M = B * S.
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,8 +98,7 @@ def attention_length(T: int, device: torch.device, dtype: torch.dtype) -> int:
 def absorbed_attention(
     q_nope_BSHN: torch.Tensor,
     q_rope_BSHR: torch.Tensor,
-    c_kv_BTC: torch.Tensor,
-    k_rope_BTR: torch.Tensor,
+    latent_BTL: torch.Tensor,
     w_uk_HNC: torch.Tensor,
     w_uv_HUC: torch.Tensor,
     mask_B1ST: torch.Tensor | None,
@@ -106,21 +106,21 @@ def absorbed_attention(
     dropout: float = 0.0,
     valid: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the latent cache. Returns (out (B, S, H, U), probabilities (B, H, S, T)). With `valid`, only
-    the first `valid` of the T cached slots are attended to (the rest get probability exactly 0; they must hold
-    finite values); the mask, if any, then covers only those."""
+    """Attention over the latent cache (B, T, L = C + R: c_kv, then k_rope). Returns (out (B, S, H, U),
+    probabilities (B, H, S, T)). With `valid`, only the first `valid` of the T cached slots are attended to (the
+    rest get probability exactly 0; they must hold finite values); the mask, if any, then covers only those."""
     B, S, H, N = q_nope_BSHN.shape
-    T, C = c_kv_BTC.shape[1], c_kv_BTC.shape[2]
-    dtype = c_kv_BTC.dtype
+    T, C = latent_BTL.shape[1], w_uk_HNC.shape[-1]
+    dtype = latent_BTL.dtype
     # Fold W_UK into the query, per head: q_lat[h] = q_nope[h] W_UK[h] ((B*S) x N times N x C). Heads then become
-    # extra query columns (index h * S + s): one T x (H * S) matmul per row of the batch against the shared
-    # latent, the cache as the tall left operand (with the cache on the right, small-M kernels run ~2x slower).
+    # extra query columns (index h * S + s), and the rope part of the query joins them: one T x (H * S) matmul per
+    # row of the batch against the whole latent, the cache as the tall left operand (with the cache on the right,
+    # small-M kernels run ~2x slower).
     q_HMN = q_nope_BSHN.to(dtype).permute(2, 0, 1, 3).reshape(H, B * S, N)
     q_lat_BhC = torch.bmm(q_HMN, w_uk_HNC).view(H, B, S, C).transpose(0, 1).reshape(B, H * S, C)
     q_rope_BhR = q_rope_BSHR.to(dtype).transpose(1, 2).reshape(B, H * S, -1)
-    scores_BTh = torch.baddbmm(
-        torch.bmm(k_rope_BTR, q_rope_BhR.transpose(1, 2)), c_kv_BTC, q_lat_BhC.transpose(1, 2)
-    )
+    q_BhL = torch.cat([q_lat_BhC, q_rope_BhR], dim=-1)
+    scores_BTh = torch.bmm(latent_BTL, q_BhL.transpose(1, 2))
     # Softmax over T in fp32 (or wider, for an fp64 model).
     scores_BTHS = scores_BTh.view(B, T, H, S).to(torch.promote_types(dtype, torch.float32)) * scale
     if mask_B1ST is not None:
@@ -133,10 +133,11 @@ def absorbed_attention(
     probs_BTHS = F.softmax(scores_BTHS, dim=1).to(dtype)
     if dropout:
         probs_BTHS = F.dropout(probs_BTHS, p=dropout, training=True)
-    # Attend over the latent, then W_UV per head: out[b, s, h] = W_UV[h] (sum_t p[b, h, s, t] c[b, t]).
-    o_lat_BhC = torch.bmm(probs_BTHS.reshape(B, T, H * S).transpose(1, 2), c_kv_BTC)
+    # Attend over the latent, then W_UV per head: out[b, s, h] = W_UV[h] (sum_t p[b, h, s, t] c[b, t]). The matmul
+    # runs over all L columns of the cache (a strided c-only view would be copied); the R rope columns are dropped.
+    o_BhL = torch.bmm(probs_BTHS.reshape(B, T, H * S).transpose(1, 2), latent_BTL)
     # W_UV as the row-major left operand (U x C times C x (B*S)): bf16 kernels are ~3x faster that way round.
-    o_lat_HCM = o_lat_BhC.view(B, H, S, C).permute(1, 3, 0, 2).reshape(H, C, B * S)
+    o_lat_HCM = o_BhL[..., :C].reshape(B, H, S, C).permute(1, 3, 0, 2).reshape(H, C, B * S)
     out_HUM = torch.bmm(w_uv_HUC, o_lat_HCM)
     if valid is not None:
         probs_BTHS = probs_BTHS[:, :valid]

@@ -7,7 +7,7 @@
 #
 # Shape legend (suffixes on tensor names):
 #   B batch   S query length   T key length (cache + new)   D hidden_size   V vocab
-#   H heads   N qk_nope_head_dim   R qk_rope_head_dim   U v_head_dim   C kv_lora_rank
+#   H heads   N qk_nope_head_dim   R qk_rope_head_dim   U v_head_dim   C kv_lora_rank   L = C + R (cached latent)
 #   E routed experts   K experts per token   M tokens (B*S flattened)
 #
 # The state dict uses the official names (model.layers.{i}.mlp.experts.{e}.gate_proj.weight, the MTP module at
@@ -206,28 +206,32 @@ class DeepseekV3Attention(nn.Module):
         q_rope_BSHR = apply_rope_interleaved(q_rope_BSHR, cos_BSr[:, :, None], sin_BSr[:, :, None])
         c_kv_BSC, k_rope_BSR = self._compress_kv(x_BSD)
         k_rope_BSR = apply_rope_interleaved(k_rope_BSR, cos_BSr, sin_BSr)
+        latent_BSL = torch.cat(
+            [c_kv_BSC, k_rope_BSR], dim=-1
+        )  # L = C + R values per token: all that is cached
         if past_key_values is not None:
-            # The cache holds the latent as two single-"head" tensors: (B, 1, T, C) and (B, 1, T, R).
-            c_kv_B1TC, k_rope_B1TR = past_key_values.update(
-                c_kv_BSC[:, None], k_rope_BSR[:, None], self.layer_idx
+            # The cache holds the latent as one single-"head" key tensor (B, 1, T, C + R), c_kv then k_rope (the
+            # layout of FlashMLA, vLLM and llama.cpp: one matmul scores both parts); its values are empty.
+            latent_B1TL, _ = past_key_values.update(
+                latent_BSL[:, None], latent_BSL[:, None, :, :0], self.layer_idx
             )
-            c_kv_BTC, k_rope_BTR = c_kv_B1TC[:, 0], k_rope_B1TR[:, 0]
+            latent_BTL = latent_B1TL[:, 0]
         else:
-            c_kv_BTC, k_rope_BTR = c_kv_BSC, k_rope_BSR
-        weights = self._absorbed_weights(S, c_kv_BTC.shape[1], q_nope_BSHN.dtype)
+            latent_BTL = latent_BSL
+        T = latent_BTL.shape[1]
+        weights = self._absorbed_weights(S, T, q_nope_BSHN.dtype)
         if weights is not None:
             dropout = self.dropout if self.training else 0.0
-            T, valid = c_kv_BTC.shape[1], None
+            valid = None
             padded = self._padded_latent(
-                past_key_values, attention_length(T, c_kv_BTC.device, c_kv_BTC.dtype)
+                past_key_values, attention_length(T, latent_BTL.device, latent_BTL.dtype)
             )
             if padded is not None:
-                (c_kv_BTC, k_rope_BTR), valid = padded, T
+                latent_BTL, valid = padded, T
             out_BSHU, probs_BHST = absorbed_attention(
                 q_nope_BSHN,
                 q_rope_BSHR,
-                c_kv_BTC,
-                k_rope_BTR,
+                latent_BTL,
                 *weights,
                 mask_B1ST,
                 self.softmax_scale,
@@ -237,8 +241,8 @@ class DeepseekV3Attention(nn.Module):
             eager = self.config._attn_implementation == "eager"
             out_BSd = out_BSHU.reshape(B, S, self.n_heads * self.v_dim).to(x_BSD.dtype)
             return row_linear(self.o_proj, out_BSd), probs_BHST if eager else None
+        c_kv_BTC, k_rope_BTR = latent_BTL.split([self.kv_rank, self.rope_dim], dim=-1)
         k_nope_BHTN, v_BHTU = self._expand_kv(c_kv_BTC)
-        T = c_kv_BTC.shape[1]
         k_BHTd = torch.cat(
             [k_nope_BHTN, k_rope_BTR[:, None].expand(B, self.n_heads, T, self.rope_dim)], dim=-1
         )
@@ -261,16 +265,16 @@ class DeepseekV3Attention(nn.Module):
             return None
         return absorbed_weights(self.kv_b_proj, self.n_heads, self.nope_dim, dtype, self)
 
-    def _padded_latent(self, cache: Cache | None, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        # The cached latent lengthened to `length` slots (finite filler after the held tokens), when the cache can
-        # hand that out without copying (latent_cache.py) and it is longer than what is held.
+    def _padded_latent(self, cache: Cache | None, length: int) -> torch.Tensor | None:
+        # The cached latent (B, length, C + R), lengthened to `length` slots (finite filler after the held tokens),
+        # when the cache can hand that out without copying (latent_cache.py) and it is longer than what is held.
         layers = getattr(cache, "layers", None)
         if layers is None or self.layer_idx >= len(layers) or not hasattr(layers[self.layer_idx], "padded"):
             return None
         if length <= layers[self.layer_idx].keys.shape[-2]:
             return None
         views = layers[self.layer_idx].padded(length)
-        return None if views is None else (views[0][:, 0], views[1][:, 0])
+        return None if views is None else views[0][:, 0]
 
 
 # ------------------------------------------------------------------------------------------------------- MLP

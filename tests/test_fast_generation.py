@@ -132,10 +132,10 @@ def test_absorbed_attention_without_a_mask_ignores_slots_past_the_valid_length()
     gen = torch.Generator().manual_seed(22)
     B, S, H, N, R, U, C, T = 2, 1, 4, 8, 4, 8, 16, 11
     q_nope, q_rope = torch.randn(B, S, H, N, generator=gen), torch.randn(B, S, H, R, generator=gen)
-    c_kv, k_rope = torch.randn(B, T + 5, C, generator=gen), torch.randn(B, T + 5, R, generator=gen)
+    latent = torch.randn(B, T + 5, C + R, generator=gen)
     w_uk, w_uv = torch.randn(H, N, C, generator=gen), torch.randn(H, U, C, generator=gen)
-    out, probs = absorbed_attention(q_nope, q_rope, c_kv[:, :T], k_rope[:, :T], w_uk, w_uv, None, 0.3)
-    out_p, probs_p = absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, None, 0.3, valid=T)
+    out, probs = absorbed_attention(q_nope, q_rope, latent[:, :T], w_uk, w_uv, None, 0.3)
+    out_p, probs_p = absorbed_attention(q_nope, q_rope, latent, w_uk, w_uv, None, 0.3, valid=T)
     assert probs_p.shape == probs.shape and torch.allclose(out_p, out, atol=1e-6)
 
 

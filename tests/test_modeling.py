@@ -67,15 +67,11 @@ def test_cache_stores_only_the_latent(tiny_ckpt):
         k_rope = apply_rope_interleaved(k_rope, cos, sin)
     assert len(cache.layers) == cfg.num_hidden_layers  # the MTP layer caches nothing in plain decoding
     layer = cache.layers[0]
-    assert layer.keys.shape == (3, 1, 7, cfg.kv_lora_rank) and layer.values.shape == (
-        3,
-        1,
-        7,
-        cfg.qk_rope_head_dim,
-    )
-    assert torch.allclose(layer.keys[:, 0], c_kv, atol=1e-6) and torch.allclose(
-        layer.values[:, 0], k_rope, atol=1e-6
-    )
+    # One (B, 1, T, C + R) key tensor, c_kv then k_rope, and empty values.
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    assert layer.keys.shape == (3, 1, 7, C + R) and layer.values.shape == (3, 1, 7, 0)
+    assert torch.allclose(layer.keys[:, 0, :, :C], c_kv, atol=1e-6)
+    assert torch.allclose(layer.keys[:, 0, :, C:], k_rope, atol=1e-6)
 
 
 def test_left_padded_batch_matches_unpadded_rows(tiny_ckpt):
