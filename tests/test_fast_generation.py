@@ -429,6 +429,30 @@ def test_eager_prefill_prepares_the_absorbed_weights_that_compiled_decode_steps_
     assert all(attn._absorbed_cache[1] is pair for attn, pair in zip(attentions, prepared, strict=True))
 
 
+def test_compiled_generation_without_module_guards_still_reads_weights_updated_in_place(tiny_ckpt):
+    # dsv3.generate.compile_config() skips Dynamo's guards on module attributes; tensors must still be read afresh
+    # at every step, so an in-place weight update (an optimizer step) shows in the next compiled generation.
+    from dsv3.generate import compile_config
+
+    model = _load(tiny_ckpt("v3"))
+    ids = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(21))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=2, cache_implementation="static")
+
+    def both():
+        eager = model.generate(ids, **kwargs)
+        compiled = model.generate(ids, compile_config=compile_config(), **kwargs)
+        return eager, compiled
+
+    with torch.no_grad():
+        eager, compiled = both()
+        assert torch.equal(eager, compiled) and hasattr(
+            model, "_compiled_call"
+        )  # transformers compiled the step
+        model.lm_head.weight.copy_(model.lm_head.weight.flip(0))  # in place: same tensor, other tokens win
+        eager_after, compiled_after = both()
+    assert not torch.equal(eager_after, eager) and torch.equal(compiled_after, eager_after)
+
+
 # ------------------------------------------------------------------------------------ MTP speculative decoding
 def _by_position(sequences, mask):
     # Each row's tokens by RoPE position (the prompt without its padding, then the continuation), zero-padded at
