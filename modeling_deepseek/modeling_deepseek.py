@@ -206,9 +206,8 @@ class DeepseekV3Attention(nn.Module):
         q_rope_BSHR = apply_rope_interleaved(q_rope_BSHR, cos_BSr[:, :, None], sin_BSr[:, :, None])
         c_kv_BSC, k_rope_BSR = self._compress_kv(x_BSD)
         k_rope_BSR = apply_rope_interleaved(k_rope_BSR, cos_BSr, sin_BSr)
-        latent_BSL = torch.cat(
-            [c_kv_BSC, k_rope_BSR], dim=-1
-        )  # L = C + R values per token: all that is cached
+        # L = C + R values per token: all that is cached.
+        latent_BSL = torch.cat([c_kv_BSC, k_rope_BSR], dim=-1)
         if past_key_values is not None:
             # The cache holds the latent as one single-"head" key tensor (B, 1, T, C + R), c_kv then k_rope (the
             # layout of FlashMLA, vLLM and llama.cpp: one matmul scores both parts); its values are empty.
