@@ -27,6 +27,8 @@ from torch import nn
 
 MLA_PATHS = ("auto", "absorbed", "expanded")
 LENGTH_BUCKET = 64
+KV_CHUNK_MIN = 512  # slots; the fused CPU kernel walks the keys in blocks of 512
+_THREADS = torch.get_num_threads()
 
 
 def prefer_absorbed(S: int, T: int, H: int, N: int, R: int, U: int, C: int) -> bool:
@@ -87,10 +89,14 @@ def absorbed_weights(
 
 
 def attention_length(T: int, device: torch.device, dtype: torch.dtype) -> int:
-    """How many cache slots a decode step should attend over: T, or T rounded up to a multiple of LENGTH_BUCKET
-    for 16-bit types on CPUs. There torch's matmuls go through oneDNN, which builds a kernel per shape: a length
-    that grows by one every step costs a fresh build (~0.2-0.7 ms) at every step. The extra slots are masked."""
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+    """How many cache slots a decode step should attend over on a CPU: T rounded up to a multiple of
+    LENGTH_BUCKET for 16-bit types, and for every type once the cache is long enough to be split into chunks
+    (kv_chunks: a rounded length always divides into them); else T. For 16-bit types torch's matmuls go through
+    oneDNN, which builds a kernel per shape: a length that grows by one every step costs a fresh build (~0.2-0.7
+    ms) at every step. The extra slots are masked. Other devices: T."""
+    if device.type != "cpu":
+        return T
+    if dtype not in (torch.bfloat16, torch.float16) and T < 2 * KV_CHUNK_MIN:
         return T
     return -(-T // LENGTH_BUCKET) * LENGTH_BUCKET
 
@@ -142,6 +148,87 @@ def absorbed_attention(
     if valid is not None:
         probs_BTHS = probs_BTHS[:, :valid]
     return out_HUM.view(H, -1, B, S).permute(2, 3, 0, 1), probs_BTHS.permute(0, 2, 3, 1)
+
+
+def fused_attention_available(device: torch.device) -> bool:
+    """True where `fused_absorbed_attention` runs: on CPUs, with torch's fused CPU attention kernel."""
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def kv_chunks(B: int, S: int, T: int) -> int:
+    """How many chunks of the cache one decode step attends over in parallel (flash-decoding): torch's fused CPU
+    attention parallelises over batch rows x query "heads" only, so a single-sequence decode step would run on one
+    thread. A power of two <= threads / (B * S), with chunks of at least KV_CHUNK_MIN slots that divide T; 1 for
+    S > 1 (the query rows then stand on their own parallel axis)."""
+    if S > 1:
+        return 1
+    global _THREADS
+    if not torch.compiler.is_compiling():  # (not traceable: compiled steps use the last eager call's count)
+        _THREADS = torch.get_num_threads()
+    chunks = 1
+    while chunks * 2 * B <= _THREADS and T % (chunks * 2) == 0 and T // (chunks * 2) >= KV_CHUNK_MIN:
+        chunks *= 2
+    return chunks
+
+
+def fused_absorbed_attention(
+    q_nope_BSHN: torch.Tensor,
+    q_rope_BSHR: torch.Tensor,
+    latent_BTL: torch.Tensor,
+    w_uk_HNC: torch.Tensor,
+    w_uv_HUC: torch.Tensor,
+    mask_B1ST: torch.Tensor | None,
+    scale: float,
+    valid: int | None = None,
+) -> torch.Tensor:
+    """`absorbed_attention` (same arguments and output; no probabilities, no dropout) in one fused attention
+    kernel: torch's CPU flash attention with the latent as both keys and values, the query rows of the heads side
+    by side and the S query positions as its "heads" (the latent broadcast to them, stride 0). Scores and
+    probabilities are never materialised and the latent is streamed once per step, not twice (scores, then
+    output); the output's last R columns (the rope part of the latent) are dropped. When the batch has fewer rows
+    than there are threads, the cache is split into `kv_chunks` chunks attended in parallel and merged by their
+    log-sum-exp (flash-decoding)."""
+    B, S, H, N = q_nope_BSHN.shape
+    T, L = latent_BTL.shape[1:]
+    C = w_uk_HNC.shape[-1]
+    dtype = latent_BTL.dtype
+    q_HMN = q_nope_BSHN.to(dtype).permute(2, 0, 1, 3).reshape(H, B * S, N)
+    q_lat_BSHC = torch.bmm(q_HMN, w_uk_HNC).view(H, B, S, C).permute(1, 2, 0, 3)
+    q_BSHL = torch.cat([q_lat_BSHC, q_rope_BSHR.to(dtype)], dim=-1)
+    # The kernel takes an additive mask (0 or -inf) in the query's dtype, broadcast over the H query rows.
+    keep_BS1T = None
+    if mask_B1ST is not None:
+        keep_BS1T = mask_B1ST.transpose(1, 2)
+    if valid is not None and valid < T:
+        if keep_BS1T is None:
+            keep_BS1T = torch.ones(B, S, 1, valid, dtype=torch.bool, device=latent_BTL.device)
+        keep_BS1T = F.pad(keep_BS1T, (0, T - valid), value=False)
+    bias_BS1T = None
+    if keep_BS1T is not None:
+        bias_BS1T = torch.zeros(keep_BS1T.shape, dtype=dtype, device=latent_BTL.device)
+        bias_BS1T = bias_BS1T.masked_fill(~keep_BS1T, float("-inf"))
+    P = kv_chunks(B, S, T)
+    if P == 1:
+        kv_BSTL = latent_BTL[:, None].expand(B, S, T, L)
+        o_BSHL, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_BSHL, kv_BSTL, kv_BSTL, attn_mask=bias_BS1T, scale=scale
+        )
+    else:  # S == 1: chunk p of the cache as "head" p, the query broadcast to every chunk
+        kv_BPTL = latent_BTL.view(B, P, T // P, L)
+        bias_BP1T = None if bias_BS1T is None else bias_BS1T.view(B, P, 1, T // P)
+        o_BPHL, lse_BPH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_BSHL.expand(B, P, H, L), kv_BPTL, kv_BPTL, attn_mask=bias_BP1T, scale=scale
+        )
+        if keep_BS1T is not None:  # a chunk with no visible slot returns lse 0 and output 0: weight it 0
+            seen_BP1 = keep_BS1T.reshape(B, P, -1).any(-1, keepdim=True)
+            lse_BPH = lse_BPH.masked_fill(~seen_BP1, float("-inf"))
+        w_BPH1 = torch.softmax(lse_BPH, dim=1)[..., None]
+        acc = torch.promote_types(dtype, torch.float32)
+        o_BSHL = (o_BPHL.to(acc) * w_BPH1).sum(1, keepdim=True).to(dtype)
+    # W_UV per head as the row-major left operand (as in absorbed_attention).
+    o_lat_HCM = o_BSHL[..., :C].permute(2, 3, 0, 1).reshape(H, C, B * S)
+    out_HUM = torch.bmm(w_uv_HUC, o_lat_HCM)
+    return out_HUM.view(H, -1, B, S).permute(2, 3, 0, 1)
 
 
 def set_mla_path(model: nn.Module, path: str) -> None:

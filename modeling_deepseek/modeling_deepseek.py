@@ -13,6 +13,7 @@
 # The state dict uses the official names (model.layers.{i}.mlp.experts.{e}.gate_proj.weight, the MTP module at
 # model.layers.{num_hidden_layers + k}); fast paths are derived from these weights, never stored beside them.
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -22,19 +23,30 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_deepseek import AUTO_MAP, IN_MEMORY_MODEL_TYPE, DeepseekV3Config, layer_index
 from .fp8 import FP8Linear, check_scale, is_fp8_linear
 from .latent_cache import LatentCache
-from .mla_absorbed import absorbed_attention, absorbed_weights, attention_length, prefer_absorbed
+from .mla_absorbed import (
+    absorbed_attention,
+    absorbed_weights,
+    attention_length,
+    fused_absorbed_attention,
+    fused_attention_available,
+    prefer_absorbed,
+)
 from .moe_grouped import drop_file_pages, expert_stack, file_mappings, grouped_experts
 from .mtp_decoding import mtp_generate
 from .quantized import QUANTIZED_LINEARS, make_quantized_linear
 from .row_linear import row_linear
 
 IGNORE_INDEX = -100
+# The name transformers gives the KV cache, in model inputs and outputs: "cache" from 5.25 on (generate passes it
+# so and reads it back from the outputs), "past_key_values" before. Our forwards accept both names.
+CACHE_NAME = (
+    "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+)
 
 
 # ----------------------------------------------------------------------------------------------------- norms
@@ -227,17 +239,12 @@ class DeepseekV3Attention(nn.Module):
             )
             if padded is not None:
                 latent_BTL, valid = padded, T
-            out_BSHU, probs_BHST = absorbed_attention(
-                q_nope_BSHN,
-                q_rope_BSHR,
-                latent_BTL,
-                *weights,
-                mask_B1ST,
-                self.softmax_scale,
-                dropout,
-                valid,
-            )
             eager = self.config._attn_implementation == "eager"
+            args = (q_nope_BSHN, q_rope_BSHR, latent_BTL, *weights, mask_B1ST, self.softmax_scale)
+            if eager or dropout or not fused_attention_available(latent_BTL.device):
+                out_BSHU, probs_BHST = absorbed_attention(*args, dropout, valid)
+            else:  # one fused kernel; no probabilities to return
+                out_BSHU, probs_BHST = fused_absorbed_attention(*args, valid), None
             out_BSd = out_BSHU.reshape(B, S, self.n_heads * self.v_dim).to(x_BSD.dtype)
             return row_linear(self.o_proj, out_BSd), probs_BHST if eager else None
         c_kv_BTC, k_rope_BTR = latent_BTL.split([self.kv_rank, self.rope_dim], dim=-1)
@@ -807,6 +814,15 @@ def _cache_sizes(cache: Cache | None, S: int) -> tuple[int | torch.Tensor, int |
     return past, (max_len if max_len is not None and max_len > 0 else None)
 
 
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    # The cache under either of its names (CACHE_NAME).
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError(
+            "cache / past_key_values: two different caches given; pass one (`cache` from transformers 5.25)"
+        )
+    return past_key_values if past_key_values is not None else cache
+
+
 def _sum_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a + b
 
@@ -882,6 +898,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DeepseekV3ModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
@@ -893,6 +910,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputation would write the cache twice
+        past_key_values = _one_cache(past_key_values, cache)
         if use_cache and past_key_values is None:
             past_key_values = LatentCache()
         h_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -915,10 +933,10 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             all_hidden.append(h_BSD)
         result = DeepseekV3ModelOutputWithPast(
             last_hidden_state=h_BSD,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
             aux_loss_per_seq=aux_B,
+            **{CACHE_NAME: past_key_values if use_cache else None},
         )
         return result if return_dict else result.to_tuple()
 
@@ -963,12 +981,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
 
 @dataclass
-class DeepseekV3CausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class DeepseekV3CausalLMOutputWithPast(CausalLMOutputWithPast):
+    # transformers' fields (loss, logits, the cache under CACHE_NAME, hidden_states, attentions), then ours.
     lm_loss: torch.FloatTensor | None = None
     mtp_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
@@ -1064,6 +1078,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         mtp_loss_weight: float | None = None,
         output_mtp_logits: bool = False,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DeepseekV3CausalLMOutputWithPast | tuple:
         """With `labels`: loss = lm_loss + mtp_loss_weight * mtp_loss (weight from the argument, else
@@ -1075,7 +1090,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -1104,13 +1119,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         result = DeepseekV3CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             lm_loss=lm_loss,
             mtp_loss=mtp_loss,
             aux_loss=aux_loss,
             mtp_logits=tuple(mtp_logits) if mtp_logits is not None else None,
+            **{CACHE_NAME: getattr(out, CACHE_NAME)},
         )
         return result if return_dict else result.to_tuple()
 
@@ -1124,11 +1139,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             use_mtp = bool(getattr(config, "use_mtp", False))
         if not use_mtp:
             static = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-            if "past_key_values" not in kwargs and static is None:
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is None and static is None:
                 # The default cache, but appending in place (latent_cache.py), sized for the whole generation.
                 ids = inputs if inputs is not None else kwargs.get("input_ids")
                 new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None)) or 0
-                kwargs["past_key_values"] = LatentCache(ids.shape[-1] + new if ids is not None else 0)
+                kwargs[CACHE_NAME] = LatentCache(ids.shape[-1] + new if ids is not None else 0)
             return super().generate(inputs, generation_config=generation_config, **kwargs)
         sequences, self.last_mtp_stats = mtp_generate(self, inputs, generation_config, **kwargs)
         return sequences

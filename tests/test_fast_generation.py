@@ -139,6 +139,62 @@ def test_absorbed_attention_without_a_mask_ignores_slots_past_the_valid_length()
     assert probs_p.shape == probs.shape and torch.allclose(out_p, out, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "B, S, T, masked, valid, threads",
+    [
+        (1, 1, 37, False, None, 1),  # one decode step, one kernel call
+        (3, 1, 50, True, 41, 1),  # left padding + filler slots past the valid length
+        (2, 2, 29, True, None, 1),  # MTP verification: two query positions, causal among them
+        (1, 1, 2048, False, 2000, 4),  # long cache split into 4 chunks merged by log-sum-exp
+        (2, 1, 1024, True, 1000, 4),  # 2 chunks; row 0's padding covers all of its first chunk
+    ],
+)
+def test_fused_absorbed_attention_equals_the_reference_form(B, S, T, masked, valid, threads):
+    from dsv3.modeling_deepseek import mla_absorbed
+
+    gen = torch.Generator().manual_seed(23)
+    H, N, R, U, C = 4, 8, 4, 8, 16
+    q_nope = torch.randn(B, S, H, N, generator=gen, dtype=torch.float64)
+    q_rope = torch.randn(B, S, H, R, generator=gen, dtype=torch.float64)
+    latent = torch.randn(B, T, C + R, generator=gen, dtype=torch.float64)
+    w_uk = torch.randn(H, N, C, generator=gen, dtype=torch.float64)
+    w_uv = torch.randn(H, U, C, generator=gen, dtype=torch.float64)
+    seen = valid or T
+    mask = None
+    if masked:  # row b starts after 7 * b + (b > 0) * 600 padding slots (capped), causal over the S new slots
+        keep = torch.ones(B, 1, S, seen, dtype=torch.bool)
+        for b in range(B):
+            keep[b, :, :, : min(7 * b + 600 * (b > 0), seen - S - 1)] = False
+        keep[..., seen - S :] &= torch.ones(S, S, dtype=torch.bool).tril()
+        mask = keep
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chunks = mla_absorbed.kv_chunks(B, S, T)
+        fused = mla_absorbed.fused_absorbed_attention(q_nope, q_rope, latent, w_uk, w_uv, mask, 0.3, valid)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert chunks == (threads // B if T >= 1024 else 1)
+    reference, _ = mla_absorbed.absorbed_attention(q_nope, q_rope, latent, w_uk, w_uv, mask, 0.3, 0.0, valid)
+    assert fused.shape == reference.shape == (B, S, H, U)
+    assert (fused - reference).abs().max().item() <= 1e-10
+
+
+def test_decode_attends_in_one_fused_kernel_call_per_layer(tiny_ckpt):
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _load(tiny_ckpt("v3"))
+    ids, mask = _left_padded([20, 14])
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache)
+    counts = {event.key: event.count for event in prof.key_averages()}
+    layers = model.config.num_hidden_layers
+    assert counts.get("aten::_scaled_dot_product_flash_attention_for_cpu") == layers, counts
+    assert "aten::_softmax" not in counts, counts  # no scores or probabilities materialised
+
+
 def test_prefill_attention_runs_torchs_fused_cpu_kernel(tiny_ckpt):
     # Value heads (64) narrower than query/key heads (128) would send SDPA to its unfused math path.
     from torch.profiler import ProfilerActivity, profile
