@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_deepseek import AUTO_MAP, IN_MEMORY_MODEL_TYPE, DeepseekV3Config, layer_index
+from .cpu_attention import blocked_attention, blocked_attention_pays
 from .fp8 import FP8Linear, check_scale, is_fp8_linear
 from .latent_cache import LatentCache
 from .mla_absorbed import (
@@ -193,6 +194,8 @@ class DeepseekV3Attention(nn.Module):
             )  # softmax in fp32
             probs_BHST = F.dropout(probs_BHST, p=dropout, training=self.training)
             return torch.matmul(probs_BHST, v_BHTU), probs_BHST
+        if not dropout and blocked_attention_pays(q_BHSd):  # 16-bit, CPU without AMX (cpu_attention.py)
+            return blocked_attention(q_BHSd, k_BHTd, v_BHTU, mask_B1ST, self.softmax_scale), None
         U, d = v_BHTU.shape[-1], q_BHSd.shape[-1]
         if U < d and v_BHTU.device.type == "cpu":
             # torch's fused CPU kernel (flash attention) needs value heads as wide as query/key heads, else SDPA
@@ -241,7 +244,7 @@ class DeepseekV3Attention(nn.Module):
                 latent_BTL, valid = padded, T
             eager = self.config._attn_implementation == "eager"
             args = (q_nope_BSHN, q_rope_BSHR, latent_BTL, *weights, mask_B1ST, self.softmax_scale)
-            if eager or dropout or not fused_attention_available(latent_BTL.device):
+            if eager or dropout or not fused_attention_available(latent_BTL.device, latent_BTL.dtype):
                 out_BSHU, probs_BHST = absorbed_attention(*args, dropout, valid)
             else:  # one fused kernel; no probabilities to return
                 out_BSHU, probs_BHST = fused_absorbed_attention(*args, valid), None
