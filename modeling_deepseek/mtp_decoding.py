@@ -194,6 +194,12 @@ def _generation_settings(model, generation_config, kwargs: dict) -> tuple:
         value = getattr(config, field, neutral)
         if value not in (neutral, None) and not (field == "no_repeat_ngram_size" and value == 0):
             raise ValueError(f"generate(use_mtp=True): {field}={value!r} is not supported (only {neutral!r})")
+    cache_implementation = getattr(config, "cache_implementation", None)
+    if cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"generate(use_mtp=True): cache_implementation={cache_implementation!r} is not supported: MTP decoding "
+            "runs eagerly on its own preallocated latent cache"
+        )
     sampling = Sampling(
         bool(config.do_sample),
         float(config.temperature if config.temperature is not None else 1.0),

@@ -722,6 +722,10 @@ def test_mtp_sampling_is_reproducible_and_rejects_unsupported_settings(tiny_ckpt
         assert model.last_mtp_stats.draft_tokens == k
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, use_mtp=True)
+    with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=4, cache_implementation="static", use_mtp=True
+        )
 
 
 def test_mtp_without_an_mtp_module_is_a_clear_error(tiny_ckpt):
