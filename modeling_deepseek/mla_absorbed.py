@@ -101,6 +101,21 @@ def attention_length(T: int, device: torch.device, dtype: torch.dtype) -> int:
     return -(-T // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
+def _query_latent(q_nope_BSHN: torch.Tensor, w_uk_HNC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W_UK folded into the query, per head: q_lat[h] = q_nope[h] W_UK[h] ((B*S) x N times N x C). (H, B, S, C)."""
+    B, S, H, N = q_nope_BSHN.shape
+    q_HMN = q_nope_BSHN.to(dtype).permute(2, 0, 1, 3).reshape(H, B * S, N)
+    return torch.bmm(q_HMN, w_uk_HNC).view(H, B, S, -1)
+
+
+def _output_heads(o_lat_HCBS: torch.Tensor, w_uv_HUC: torch.Tensor) -> torch.Tensor:
+    """W_UV per head on the attended latent (H, C, B, S): out[b, s, h] = W_UV[h] o[h, :, b, s]. (B, S, H, U).
+    W_UV is the row-major left operand (U x C times C x (B*S)): bf16 kernels are ~3x faster that way round."""
+    H, C, B, S = o_lat_HCBS.shape
+    out_HUM = torch.bmm(w_uv_HUC, o_lat_HCBS.reshape(H, C, B * S))
+    return out_HUM.view(H, -1, B, S).permute(2, 3, 0, 1)
+
+
 def absorbed_attention(
     q_nope_BSHN: torch.Tensor,
     q_rope_BSHR: torch.Tensor,
@@ -118,12 +133,10 @@ def absorbed_attention(
     B, S, H, N = q_nope_BSHN.shape
     T, C = latent_BTL.shape[1], w_uk_HNC.shape[-1]
     dtype = latent_BTL.dtype
-    # Fold W_UK into the query, per head: q_lat[h] = q_nope[h] W_UK[h] ((B*S) x N times N x C). Heads then become
-    # extra query columns (index h * S + s), and the rope part of the query joins them: one T x (H * S) matmul per
+    # W_UK folded into the query (_query_latent). Heads then become extra query columns (index h * S + s), and the rope part of the query joins them: one T x (H * S) matmul per
     # row of the batch against the whole latent, the cache as the tall left operand (with the cache on the right,
     # small-M kernels run ~2x slower).
-    q_HMN = q_nope_BSHN.to(dtype).permute(2, 0, 1, 3).reshape(H, B * S, N)
-    q_lat_BhC = torch.bmm(q_HMN, w_uk_HNC).view(H, B, S, C).transpose(0, 1).reshape(B, H * S, C)
+    q_lat_BhC = _query_latent(q_nope_BSHN, w_uk_HNC, dtype).transpose(0, 1).reshape(B, H * S, C)
     q_rope_BhR = q_rope_BSHR.to(dtype).transpose(1, 2).reshape(B, H * S, -1)
     q_BhL = torch.cat([q_lat_BhC, q_rope_BhR], dim=-1)
     scores_BTh = torch.bmm(latent_BTL, q_BhL.transpose(1, 2))
@@ -145,13 +158,11 @@ def absorbed_attention(
     # Attend over the latent, then W_UV per head: out[b, s, h] = W_UV[h] (sum_t p[b, h, s, t] c[b, t]). The matmul
     # runs over all L columns of the cache (a strided c-only view would be copied); the R rope columns are dropped.
     o_BhL = torch.bmm(probs_BhT, latent_BTL)
-    # W_UV as the row-major left operand (U x C times C x (B*S)): bf16 kernels are ~3x faster that way round.
-    o_lat_HCM = o_BhL[..., :C].reshape(B, H, S, C).permute(1, 3, 0, 2).reshape(H, C, B * S)
-    out_HUM = torch.bmm(w_uv_HUC, o_lat_HCM)
+    out_BSHU = _output_heads(o_BhL[..., :C].view(B, H, S, C).permute(1, 3, 0, 2), w_uv_HUC)
     probs_BHST = probs_BhT.view(B, H, S, T)
     if valid is not None:
         probs_BHST = probs_BHST[..., :valid]
-    return out_HUM.view(H, -1, B, S).permute(2, 3, 0, 1), probs_BHST
+    return out_BSHU, probs_BHST
 
 
 def fused_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -204,8 +215,7 @@ def fused_absorbed_attention(
     T, L = latent_BTL.shape[1:]
     C = w_uk_HNC.shape[-1]
     dtype = latent_BTL.dtype
-    q_HMN = q_nope_BSHN.to(dtype).permute(2, 0, 1, 3).reshape(H, B * S, N)
-    q_lat_BSHC = torch.bmm(q_HMN, w_uk_HNC).view(H, B, S, C).permute(1, 2, 0, 3)
+    q_lat_BSHC = _query_latent(q_nope_BSHN, w_uk_HNC, dtype).permute(1, 2, 0, 3)
     q_BSHL = torch.cat([q_lat_BSHC, q_rope_BSHR.to(dtype)], dim=-1)
     # The kernel takes an additive mask (0 or -inf) in the query's dtype, broadcast over the H query rows.
     keep_BS1T = None
@@ -237,10 +247,7 @@ def fused_absorbed_attention(
         w_BPH1 = torch.softmax(lse_BPH, dim=1)[..., None]
         acc = torch.promote_types(dtype, torch.float32)
         o_BSHL = (o_BPHL.to(acc) * w_BPH1).sum(1, keepdim=True).to(dtype)
-    # W_UV per head as the row-major left operand (as in absorbed_attention).
-    o_lat_HCM = o_BSHL[..., :C].permute(2, 3, 0, 1).reshape(H, C, B * S)
-    out_HUM = torch.bmm(w_uv_HUC, o_lat_HCM)
-    return out_HUM.view(H, -1, B, S).permute(2, 3, 0, 1)
+    return _output_heads(o_BSHL[..., :C].permute(2, 3, 0, 1), w_uv_HUC)
 
 
 def set_mla_path(model: nn.Module, path: str) -> None:
