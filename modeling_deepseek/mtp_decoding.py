@@ -27,7 +27,8 @@ import torch
 
 from .latent_cache import LatentCache
 
-# GenerationConfig fields that change the output and that this loop does not implement, with their neutral values.
+# GenerationConfig fields that change the output or the cache and that this loop does not implement, with their
+# neutral values (None is always accepted).
 UNSUPPORTED = {
     "num_beams": 1,
     "num_return_sequences": 1,
@@ -46,6 +47,7 @@ UNSUPPORTED = {
     "sequence_bias": None,
     "guidance_scale": None,
     "return_dict_in_generate": False,
+    "cache_implementation": "dynamic",  # MTP decoding runs eagerly on its own preallocated latent cache
 }
 MODEL_KWARGS = ("attention_mask", "input_ids", "use_cache", "generation_config", "logits_to_keep")
 
@@ -192,14 +194,8 @@ def _generation_settings(model, generation_config, kwargs: dict) -> tuple:
         raise ValueError(f"generate(use_mtp=True): unsupported argument(s) {', '.join(unknown)}")
     for field, neutral in UNSUPPORTED.items():
         value = getattr(config, field, neutral)
-        if value not in (neutral, None) and not (field == "no_repeat_ngram_size" and value == 0):
+        if value not in (neutral, None):
             raise ValueError(f"generate(use_mtp=True): {field}={value!r} is not supported (only {neutral!r})")
-    cache_implementation = getattr(config, "cache_implementation", None)
-    if cache_implementation not in (None, "dynamic"):
-        raise ValueError(
-            f"generate(use_mtp=True): cache_implementation={cache_implementation!r} is not supported: MTP decoding "
-            "runs eagerly on its own preallocated latent cache"
-        )
     sampling = Sampling(
         bool(config.do_sample),
         float(config.temperature if config.temperature is not None else 1.0),
