@@ -45,7 +45,7 @@ def blocked_attention(
     T, U = k_BHTd.shape[2], v_BHTU.shape[-1]
     q_MSd = q_BHSd.reshape(B * H, S, d)
     k_MdT = k_BHTd.reshape(B * H, T, d).transpose(1, 2)
-    v_MTU = v_BHTU.reshape(B * H, T, U)
+    v_MTU = v_BHTU.reshape(B * H, T, U).contiguous()  # (a strided operand would be copied for every block)
     rows = max(16, SCORE_BLOCK // (B * H * T))
     acc = torch.promote_types(q_BHSd.dtype, torch.float32)
     outs = []

@@ -90,13 +90,10 @@ def absorbed_weights(
 
 def attention_length(T: int, device: torch.device, dtype: torch.dtype) -> int:
     """How many cache slots a decode step should attend over on a CPU: T rounded up to a multiple of
-    LENGTH_BUCKET for 16-bit types, and for every type once the cache is long enough to be split into chunks
-    (kv_chunks: a rounded length always divides into them); else T. For 16-bit types torch's matmuls go through
-    oneDNN, which builds a kernel per shape: a length that grows by one every step costs a fresh build (~0.2-0.7
-    ms) at every step. The extra slots are masked. Other devices: T."""
-    if device.type != "cpu":
-        return T
-    if dtype not in (torch.bfloat16, torch.float16) and T < 2 * KV_CHUNK_MIN:
+    LENGTH_BUCKET for 16-bit types, else T. For 16-bit types torch's matmuls go through oneDNN, which builds a
+    kernel per shape: a length that grows by one every step costs a fresh build (~0.2-0.7 ms) at every step. The
+    extra slots are masked. Other devices: T."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return T
     return -(-T // LENGTH_BUCKET) * LENGTH_BUCKET
 
@@ -165,6 +162,11 @@ def absorbed_attention(
     return out_BSHU, probs_BHST
 
 
+def _additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # torch's fused CPU attention takes an additive mask (0 or -inf) in the query's dtype.
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+
+
 def fused_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
     """True where `fused_absorbed_attention` pays: on CPUs, with torch's fused CPU attention kernel, for 32- and
     64-bit types. There it reads the latent once instead of twice (fp32, 4096 slots, 8 heads: ~0.7 ms per layer
@@ -181,15 +183,16 @@ def fused_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
 def kv_chunks(B: int, S: int, T: int) -> int:
     """How many chunks of the cache one decode step attends over in parallel (flash-decoding): torch's fused CPU
     attention parallelises over batch rows x query "heads" only, so a single-sequence decode step would run on one
-    thread. A power of two <= threads / (B * S), with chunks of at least KV_CHUNK_MIN slots that divide T; 1 for
-    S > 1 (the query rows then stand on their own parallel axis)."""
+    thread. A power of two <= threads / (B * S), with chunks of at least KV_CHUNK_MIN slots (any T: when P does not
+    divide T, the chunks overlap by T % P slots, see `fused_absorbed_attention`); 1 for S > 1 (the query rows then
+    stand on their own parallel axis)."""
     if S > 1:
         return 1
     global _THREADS
     if not torch.compiler.is_compiling():  # (not traceable: compiled steps use the last eager call's count)
         _THREADS = torch.get_num_threads()
     chunks = 1
-    while chunks * 2 * B <= _THREADS and T % (chunks * 2) == 0 and T // (chunks * 2) >= KV_CHUNK_MIN:
+    while chunks * 2 * B <= _THREADS and T // (chunks * 2) >= KV_CHUNK_MIN:
         chunks *= 2
     return chunks
 
@@ -217,7 +220,7 @@ def fused_absorbed_attention(
     dtype = latent_BTL.dtype
     q_lat_BSHC = _query_latent(q_nope_BSHN, w_uk_HNC, dtype).permute(1, 2, 0, 3)
     q_BSHL = torch.cat([q_lat_BSHC, q_rope_BSHR.to(dtype)], dim=-1)
-    # The kernel takes an additive mask (0 or -inf) in the query's dtype, broadcast over the H query rows.
+    # Slots to attend to, broadcast over the H query rows.
     keep_BS1T = None
     if mask_B1ST is not None:
         keep_BS1T = mask_B1ST.transpose(1, 2)
@@ -225,25 +228,32 @@ def fused_absorbed_attention(
         if keep_BS1T is None:
             keep_BS1T = torch.ones(B, S, 1, valid, dtype=torch.bool, device=latent_BTL.device)
         keep_BS1T = F.pad(keep_BS1T, (0, T - valid), value=False)
-    bias_BS1T = None
-    if keep_BS1T is not None:
-        bias_BS1T = torch.zeros(keep_BS1T.shape, dtype=dtype, device=latent_BTL.device)
-        bias_BS1T = bias_BS1T.masked_fill(~keep_BS1T, float("-inf"))
     P = kv_chunks(B, S, T)
     if P == 1:
+        bias_BS1T = None if keep_BS1T is None else _additive_mask(keep_BS1T, dtype)
         kv_BSTL = latent_BTL[:, None].expand(B, S, T, L)
         o_BSHL, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_BSHL, kv_BSTL, kv_BSTL, attn_mask=bias_BS1T, scale=scale
         )
     else:  # S == 1: chunk p of the cache as "head" p, the query broadcast to every chunk
-        kv_BPTL = latent_BTL.view(B, P, T // P, L)
-        bias_BP1T = None if bias_BS1T is None else bias_BS1T.view(B, P, 1, T // P)
+        # Chunk p holds slots p * step ... p * step + n - 1 (views, no copy). When P does not divide T (a static
+        # cache's length is whatever generate asked for) the last n - step = T % P slots of each chunk but the last
+        # are also the first slots of the next one: only the next one attends to them.
+        step = T // P
+        n = T - (P - 1) * step
+        kv_BPnL = latent_BTL.unfold(1, n, step).transpose(-1, -2)
+        keep_BPn = None if keep_BS1T is None else keep_BS1T.reshape(B, T).unfold(1, n, step)
+        if n > step:
+            slot_n = torch.arange(n, device=latent_BTL.device)
+            last_P1 = torch.arange(P, device=latent_BTL.device)[:, None] == P - 1
+            owned_Pn = (slot_n < step) | last_P1
+            keep_BPn = owned_Pn.expand(B, P, n) if keep_BPn is None else keep_BPn & owned_Pn
+        bias_BP1n = None if keep_BPn is None else _additive_mask(keep_BPn[:, :, None], dtype)
         o_BPHL, lse_BPH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_BSHL.expand(B, P, H, L), kv_BPTL, kv_BPTL, attn_mask=bias_BP1T, scale=scale
+            q_BSHL.expand(B, P, H, L), kv_BPnL, kv_BPnL, attn_mask=bias_BP1n, scale=scale
         )
-        if keep_BS1T is not None:  # a chunk with no visible slot returns lse 0 and output 0: weight it 0
-            seen_BP1 = keep_BS1T.reshape(B, P, -1).any(-1, keepdim=True)
-            lse_BPH = lse_BPH.masked_fill(~seen_BP1, float("-inf"))
+        if keep_BPn is not None:  # a chunk with no visible slot returns lse 0 and output 0: weight it 0
+            lse_BPH = lse_BPH.masked_fill(~keep_BPn.any(-1, keepdim=True), float("-inf"))
         w_BPH1 = torch.softmax(lse_BPH, dim=1)[..., None]
         acc = torch.promote_types(dtype, torch.float32)
         o_BSHL = (o_BPHL.to(acc) * w_BPH1).sum(1, keepdim=True).to(dtype)

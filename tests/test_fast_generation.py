@@ -147,6 +147,8 @@ def test_absorbed_attention_without_a_mask_ignores_slots_past_the_valid_length()
         (2, 2, 29, True, None, 1),  # MTP verification: two query positions, causal among them
         (1, 1, 2048, False, 2000, 4),  # long cache split into 4 chunks merged by log-sum-exp
         (2, 1, 1024, True, 1000, 4),  # 2 chunks; row 0's padding covers all of its first chunk
+        (1, 1, 2051, False, None, 4),  # 4 chunks that overlap by 3 slots (a static cache of any length)
+        (1, 1, 1027, True, 1020, 2),  # 2 chunks overlapping by a slot; padding; filler past the valid length
     ],
 )
 def test_fused_absorbed_attention_equals_the_reference_form(B, S, T, masked, valid, threads):
