@@ -10,7 +10,8 @@ layer), random, stored in BF16, so every engine runs exactly the same numbers (f
               own generate loop: model.generate for ours and native (eager; "compiled" = static cache +
               torch.compile of the forward), Llama.eval one token at a time for llama.cpp (its best CPU setup:
               BF16 weights, flash attention, F16 KV cache). Best of --repeats; the 4096/128 column is the
-              slowdown with context.
+              slowdown with context, "+ms/step" the time the longer context adds to every step (attention over
+              the extra cached tokens: comparable across engines whatever their speed at short context).
   prefill     tok/s of one forward over 512 tokens.
   cache       bytes per token per layer the engine's cache holds (ours: the 576-value latent).
   memory      peak RSS that loading the model and decoding add to a fresh process (grouped experts stacked in
@@ -524,18 +525,19 @@ def main() -> None:
         decode["llama.cpp bf16, flash attn"] = {c: llama[c] for c in contexts}
         prefill["llama.cpp bf16, flash attn"] = llama["prefill"]
 
-    header = ["decode tok/s (batch 1)", *[f"ctx {c}" for c in contexts], f"{contexts[-1]}/{contexts[0]}"]
+    lo, hi = contexts[0], contexts[-1]
+    header = ["decode tok/s (batch 1)", *[f"ctx {c}" for c in contexts], f"{hi}/{lo}", f"+ms/step {lo}->{hi}"]
     rows = [
-        [k, *[fmt(v[c]) for c in contexts], fmt(v[contexts[-1]] / v[contexts[0]], 2)]
+        [k, *[fmt(v[c]) for c in contexts], fmt(v[hi] / v[lo], 2), fmt(1e3 / v[hi] - 1e3 / v[lo], 2)]
         for k, v in decode.items()
     ]
     ours = {c: max(v[c] for k, v in decode.items() if k.startswith("ours")) for c in contexts}
     for anchor in [k for k in decode if not k.startswith("ours")]:
         rows.append(
-            [f"best ours / {anchor}", *[fmt(ours[c] / decode[anchor][c], 2) + "x" for c in contexts], ""]
+            [f"best ours / {anchor}", *[fmt(ours[c] / decode[anchor][c], 2) + "x" for c in contexts], "", ""]
         )
     if reason is not None:
-        rows.append([f"llama.cpp: skipped, {reason}", *[""] * (len(contexts) + 1)])
+        rows.append([f"llama.cpp: skipped, {reason}", *[""] * (len(contexts) + 2)])
     print()
     print(table("Decode", header, rows))
     print()
