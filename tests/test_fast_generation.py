@@ -494,6 +494,44 @@ def test_compiled_decode_step_matches_eager(tiny_ckpt, monkeypatch, dtype):
         assert 0 < (compiled - fp32).abs().max().item() <= 2 * eager_error, eager_error
 
 
+def test_decode_over_a_static_cache_of_odd_length_splits_it_across_threads_eager_and_compiled(
+    tiny_ckpt, monkeypatch
+):
+    # generate sizes a static cache to prompt + new tokens, whatever that is: 1027 slots do not divide into the
+    # 2 chunks that 2 threads attend to (flash-decoding), so the chunks overlap by a slot only one of them attends to.
+    from transformers import StaticCache
+
+    path = tiny_ckpt("v3")
+    model = _load(path)
+    absorbed = importlib.import_module(f"{type(model).__module__.rpartition('.')[0]}.mla_absorbed")
+    chunks, real = [], absorbed.kv_chunks
+    monkeypatch.setattr(absorbed, "kv_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
+    ids = torch.randint(3, 512, (1, 600), generator=torch.Generator().manual_seed(11))  # past the overlap
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for compiled, cache in ((False, None), (False, 1027), (True, 1027)):
+            cache = StaticCache(config=model.config, max_cache_len=cache) if cache else None
+            with torch.no_grad():
+                out = model(ids, past_key_values=cache, use_cache=True)
+                tok, cache = (
+                    out.logits[:, -1:].argmax(-1),
+                    cache if cache is not None else out.past_key_values,
+                )
+
+                def step(t, cache=cache):
+                    return model(t, past_key_values=cache, use_cache=True).logits
+
+                runs.append((torch.compile(step) if compiled else step)(tok))
+    finally:
+        torch.set_num_threads(threads)
+    dynamic, static, compiled = runs
+    assert 2 in chunks  # the static cache's decode steps ran split in two
+    assert (static - dynamic).abs().max().item() <= 1e-5
+    assert (compiled - dynamic).abs().max().item() <= 1e-4
+
+
 def test_compiled_single_row_linear_normalises_its_input_once_not_once_per_output_row():
     # Inductor would inline the RMSNorm that feeds a row_linear into the reduction that reads it, recomputing it for
     # every output row (a 16k-row head recomputed the final norm 16k times: 2x slower). row_linear.materialized
