@@ -511,14 +511,12 @@ def test_decode_over_a_static_cache_of_odd_length_splits_it_across_threads_eager
     torch.set_num_threads(2)
     try:
         runs = []
-        for compiled, cache in ((False, None), (False, 1027), (True, 1027)):
-            cache = StaticCache(config=model.config, max_cache_len=cache) if cache else None
+        for compiled, slots in ((False, None), (False, 1027), (True, 1027)):
+            cache = StaticCache(config=model.config, max_cache_len=slots) if slots else None
             with torch.no_grad():
                 out = model(ids, past_key_values=cache, use_cache=True)
-                tok, cache = (
-                    out.logits[:, -1:].argmax(-1),
-                    cache if cache is not None else out.past_key_values,
-                )
+                cache = cache if cache is not None else out.past_key_values  # the dynamic cache it made
+                tok = out.logits[:, -1:].argmax(-1)
 
                 def step(t, cache=cache):
                     return model(t, past_key_values=cache, use_cache=True).logits
